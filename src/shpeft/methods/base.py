@@ -1,0 +1,101 @@
+"""The method interface and its registry: a PEFT method is one module plus a ``@register`` call.
+
+A method turns a freshly built model (pretrained backbone + new head) into one whose trainable
+parameters are exactly what the method trains, exports those as a :class:`~shpeft.delta.Delta`,
+and, where possible, merges them into a plain backbone. The training loop, data, seeds and
+metrics are shared by every method, so comparisons are on equal terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from shpeft.delta import Delta
+
+
+@dataclass
+class MethodConfig:
+    """Hyper-parameters of a method (subclasses add fields with help text)."""
+
+
+@dataclass
+class PrepareContext:
+    """What a method may use while preparing the model (built by the training loop)."""
+
+    importance_loader: Callable[[], Iterable] | None = None
+    """Makes a fresh, seeded loader over the training split (for data-driven selection)."""
+    fit_head: Callable[[int], None] | None = None
+    """Trains the head alone for N iterations (optional linear-probe warm start)."""
+    device: Any = "cpu"
+    run_dir: Path | None = None
+    progress: bool = False
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    """Method outputs to write into the run directory (JSON-serialisable)."""
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``summary``, ``config_cls``, ``mergeable``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.config_cls()
+
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:
+        """Freeze / re-parametrize ``model`` in place; return the parameters to optimise."""
+        raise NotImplementedError
+
+    def delta(self, model: nn.Module) -> Delta:
+        """The trained tensors of a prepared model (metadata is added by the caller)."""
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        """Method settings recorded in the delta's metadata."""
+        from dataclasses import asdict
+
+        return {"method": self.name, **asdict(self.config)}
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name`` (clear error listing the known ones)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def head_parameters(model: nn.Module, prefix: str = "head") -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if n == prefix or n.startswith(prefix + ".")}
+
+
+def freeze_all_but_head(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze every parameter except the head's; return the head's parameters."""
+    head = head_parameters(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in head)
+    return list(head.values())
+
+
+def head_delta(model: nn.Module) -> dict:
+    return {n: p.detach().clone() for n, p in head_parameters(model).items()}

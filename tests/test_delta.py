@@ -1,0 +1,128 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from shpeft.delta import Delta, DeltaError, apply_delta, revert_delta
+from shpeft.methods.shpeft import Shpeft
+from tests.helpers import tiny_vit
+from tests.test_sparse import sparse_model, train_steps
+
+
+def trained_delta():
+    model, base, masks, params = sparse_model()
+    train_steps(model, params, steps=3)
+    delta = Shpeft().delta(model)
+    delta.meta.update({"base_model": "tiny", "base_hash": "abc123"})
+    return model, delta
+
+
+def test_save_load_round_trip_bit_exact(tmp_path):
+    _, delta = trained_delta()
+    path = delta.save(tmp_path / "delta.safetensors")
+    loaded = Delta.load(path)
+    assert loaded.meta == delta.meta
+    assert set(loaded.sparse) == set(delta.sparse) and set(loaded.dense) == {
+        "head.weight",
+        "head.bias",
+    }
+    for n, (i, v) in delta.sparse.items():
+        li, lv = loaded.sparse[n]
+        assert li.dtype == torch.int32 and torch.equal(li, i.to(torch.int32)) and torch.equal(lv, v)
+    for n, t in delta.dense.items():
+        assert torch.equal(loaded.dense[n], t)
+    # size: 8 bytes per sparse scalar + head + metadata
+    k = delta.num_sparse
+    assert path.stat().st_size <= 8 * k + 4 * delta.num_dense + 16 * 1024
+
+
+def test_apply_equals_merged_model_and_revert_restores(tmp_path):
+    model, delta = trained_delta()
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    plain = tiny_vit()
+    plain.eval()
+    before = {n: t.clone() for n, t in plain.state_dict().items()}
+    handle = apply_delta(
+        plain, Delta.load(delta.save(tmp_path / "d.safetensors")), base_hash="abc123"
+    )
+    with torch.no_grad():
+        assert torch.equal(plain(x), want)
+    revert_delta(plain, delta, handle)
+    for n, t in plain.state_dict().items():
+        assert torch.equal(t, before[n]), n
+
+
+def test_wrong_base_refused_and_model_untouched():
+    _, delta = trained_delta()
+    plain = tiny_vit()
+    before = {n: t.clone() for n, t in plain.state_dict().items()}
+    with pytest.raises(DeltaError, match="different base"):
+        apply_delta(plain, delta, base_hash="fff000")
+    bad = Delta(
+        sparse=dict(delta.sparse), dense={"head.weight": torch.zeros(5, 16)}, meta=delta.meta
+    )
+    with pytest.raises(DeltaError, match="shape"):
+        apply_delta(plain, bad)
+    for n, t in plain.state_dict().items():
+        assert torch.equal(t, before[n])
+
+
+@pytest.mark.parametrize(
+    "tensors, meta, match",
+    [
+        (
+            {
+                "sparse/a/indices": torch.tensor([2, 1], dtype=torch.int32),
+                "sparse/a/values": torch.ones(2),
+            },
+            None,
+            "sorted",
+        ),
+        (
+            {
+                "sparse/a/indices": torch.tensor([1, 2], dtype=torch.int64),
+                "sparse/a/values": torch.ones(2),
+            },
+            None,
+            "int32",
+        ),
+        (
+            {
+                "sparse/a/indices": torch.tensor([1, 2], dtype=torch.int32),
+                "sparse/a/values": torch.ones(3),
+            },
+            None,
+            "values",
+        ),
+        (
+            {
+                "sparse/a/indices": torch.tensor([1], dtype=torch.int32),
+                "sparse/a/values": torch.tensor([float("nan")]),
+            },
+            None,
+            "finite",
+        ),
+        ({"sparse/a/indices": torch.tensor([1], dtype=torch.int32)}, None, "lacks"),
+        ({"weird": torch.ones(1)}, None, "unexpected"),
+        ({"dense/a": torch.ones(1)}, {"format": "other"}, "not a shpeft delta"),
+        ({"dense/a": torch.ones(1)}, {"format": "shpeft-delta", "format_version": "99"}, "version"),
+    ],
+)
+def test_malformed_files_rejected(tmp_path, tensors, meta, match):
+    path = tmp_path / "bad.safetensors"
+    save_file(
+        tensors, str(path), metadata=meta or {"format": "shpeft-delta", "format_version": "1"}
+    )
+    with pytest.raises(DeltaError, match=match):
+        Delta.load(path)
+
+
+def test_garbage_file_rejected(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\x00" * 10)
+    with pytest.raises(DeltaError, match="not a readable"):
+        Delta.load(path)
+    with pytest.raises(FileNotFoundError):
+        Delta.load(tmp_path / "missing.safetensors")
