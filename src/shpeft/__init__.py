@@ -7,7 +7,38 @@ task-agnostic importance), and ship each task as a small sparse delta on a share
 
 __version__ = "0.1.0"
 
-from shpeft.importance import estimate_importance  # noqa: E402
-from shpeft.selection import select_topk  # noqa: E402
+# ruff: noqa: E402  (the version must exist before submodules that record it are imported)
+from shpeft.backbones import BackboneConfig, InputSpec, create_model, hash_backbone
+from shpeft.data import DataConfig, load_data
+from shpeft.delta import Delta, DeltaError, apply_delta, revert_delta
+from shpeft.importance import estimate_importance
+from shpeft.methods import METHODS, get_method
+from shpeft.methods.shpeft import ShpeftConfig
+from shpeft.selection import select_topk
+from shpeft.sparse import attach_sparse, merge_sparse
+from shpeft.train import RunConfig, TrainConfig, load_run, train
 
-__all__ = ["__version__", "estimate_importance", "select_topk"]
+__all__ = [
+    "METHODS",
+    "BackboneConfig",
+    "DataConfig",
+    "Delta",
+    "DeltaError",
+    "InputSpec",
+    "RunConfig",
+    "ShpeftConfig",
+    "TrainConfig",
+    "__version__",
+    "apply_delta",
+    "attach_sparse",
+    "create_model",
+    "estimate_importance",
+    "get_method",
+    "hash_backbone",
+    "load_data",
+    "load_run",
+    "merge_sparse",
+    "revert_delta",
+    "select_topk",
+    "train",
+]

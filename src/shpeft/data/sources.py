@@ -1,0 +1,501 @@
+"""Discovering the samples of a data source (ImageFolder, CSV manifest, MedMNIST ``.npz``).
+
+A reader returns a :class:`Catalog`: the samples grouped by official split (``train`` / ``val``
+/ ``test``) or, when the source has no split, in one group ``all``; each sample has an id, a
+class name and either a file path or a row of an in-memory array. Turning a catalog into
+datasets (class mapping, seeded split, caching) is the job of :mod:`shpeft.data.loading`.
+
+Layouts:
+
+* ImageFolder, flat: ``<root>/<class>/**/<image>``. Split: ``<root>/<split>/<class>/**/<image>``
+  with split folders ``train``, ``val`` (or ``valid`` / ``validation``), ``test``
+  (case-insensitive). Class names are the class folder names, sorted. Hidden files and folders,
+  non-image files and BUSI masks (``*_mask.png``, ``*_mask_1.png``) are skipped and counted;
+  files directly in ``<root>`` (or a split folder) are ignored and counted.
+* CSV manifest: header with ``path`` and ``label`` and optionally ``split`` (other columns are
+  ignored); relative paths resolve against the CSV's folder. Labels that are all integers are
+  sorted numerically (class names are their decimal strings), otherwise sorted as strings.
+* MedMNIST ``.npz``: keys ``{train,val,test}_images`` / ``_labels``; class names from an optional
+  ``class_names`` string array in the file, else from the MedMNIST INFO table when the file name
+  starts with a known flag (``breastmnist...``), else ``"0"``, ``"1"``, ...
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .io import DataError, is_hidden, is_image_file, is_mask_file
+
+__all__ = [
+    "MEDMNIST_CLASSES",
+    "SPLIT_NAMES",
+    "Catalog",
+    "Group",
+    "detect_format",
+    "read_catalog",
+]
+
+FORMATS = ("auto", "imagefolder", "csv", "medmnist")
+SPLITS = ("train", "val", "test")
+# Accepted spellings of split names (folders and the CSV `split` column), case-insensitive.
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+# Label names of the 2D MedMNIST v2 datasets (medmnist/info.py, "label" entries, in index order).
+_ORGAN = [
+    "bladder",
+    "femur-left",
+    "femur-right",
+    "heart",
+    "kidney-left",
+    "kidney-right",
+    "liver",
+    "lung-left",
+    "lung-right",
+    "pancreas",
+    "spleen",
+]
+MEDMNIST_CLASSES: dict[str, list[str]] = {
+    "pathmnist": [
+        "adipose",
+        "background",
+        "debris",
+        "lymphocytes",
+        "mucus",
+        "smooth muscle",
+        "normal colon mucosa",
+        "cancer-associated stroma",
+        "colorectal adenocarcinoma epithelium",
+    ],
+    "dermamnist": [
+        "actinic keratoses and intraepithelial carcinoma",
+        "basal cell carcinoma",
+        "benign keratosis-like lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic nevi",
+        "vascular lesions",
+    ],
+    "octmnist": ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
+    "pneumoniamnist": ["normal", "pneumonia"],
+    # RetinaMNIST is ordinal regression in MedMNIST; here it is treated as 5-class classification.
+    "retinamnist": ["0", "1", "2", "3", "4"],
+    "breastmnist": ["malignant", "normal, benign"],
+    "bloodmnist": [
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
+    ],
+    "tissuemnist": [
+        "Collecting Duct, Connecting Tubule",
+        "Distal Convoluted Tubule",
+        "Glomerular endothelial cells",
+        "Interstitial endothelial cells",
+        "Leukocytes",
+        "Podocytes",
+        "Proximal Tubule Segments",
+        "Thick Ascending Limb",
+    ],
+    "organamnist": _ORGAN,
+    "organcmnist": _ORGAN,
+    "organsmnist": _ORGAN,
+}
+_MULTI_LABEL_FLAGS = ("chestmnist",)
+_VOLUME_FLAGS = (
+    "organmnist3d",
+    "nodulemnist3d",
+    "adrenalmnist3d",
+    "fracturemnist3d",
+    "vesselmnist3d",
+    "synapsemnist3d",
+)
+
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+@dataclass
+class Group:
+    """Samples of one split (or of the whole source).
+
+    Attributes:
+        ids: Sample ids: path relative to the root (folders), path as written (CSV), or
+            ``<split>/<row>`` (npz).
+        labels: Class name per sample.
+        paths: File per sample (folders, CSV), else None.
+        images: ``(N, H, W)`` / ``(N, H, W, 3)`` uint8 array (npz), else None.
+        origin: Where the samples come from, for error messages (a folder or file).
+    """
+
+    ids: list[str]
+    labels: list[str]
+    paths: list[str] | None = None
+    images: np.ndarray | None = None
+    origin: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Catalog:
+    """All samples of a source, grouped by official split (or one group ``"all"``)."""
+
+    source: Path
+    format: str
+    layout: str
+    groups: dict[str, Group]
+    classes: list[str]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def has_official_split(self) -> bool:
+        """True when the source itself defines the split (groups are train/val/test)."""
+        return "all" not in self.groups
+
+
+def detect_format(path: str | os.PathLike[str], data_format: str = "auto") -> str:
+    """Resolve ``"auto"`` to ``imagefolder`` (a folder), ``csv`` or ``medmnist`` (``.npz``)."""
+    if data_format not in FORMATS:
+        raise ValueError(f"data_format must be one of {FORMATS}, got {data_format!r}")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data source not found: {path}")
+    if data_format != "auto":
+        return data_format
+    if path.is_dir():
+        return "imagefolder"
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix == ".npz":
+        return "medmnist"
+    raise DataError(
+        f"cannot tell the format of {path}: expected a folder, a .csv manifest or a .npz file "
+        "(or pass data_format explicitly)"
+    )
+
+
+def read_catalog(path: str | os.PathLike[str], data_format: str = "auto") -> Catalog:
+    """List every sample of a source without decoding any image.
+
+    Args:
+        path: A folder, a ``.csv`` manifest or a MedMNIST ``.npz``.
+        data_format: ``auto``, ``imagefolder``, ``csv`` or ``medmnist``.
+
+    Raises:
+        DataError: Missing source, unknown layout, empty or inconsistent content.
+    """
+    fmt = detect_format(path, data_format)
+    reader = {"imagefolder": _read_imagefolder, "csv": _read_csv, "medmnist": _read_npz}[fmt]
+    return reader(Path(path))
+
+
+# --------------------------------------------------------------------------------------------
+# ImageFolder
+
+
+def _visible_subdirs(folder: Path) -> list[Path]:
+    return sorted(
+        (p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)),
+        key=lambda p: p.name,
+    )
+
+
+def _loose_files(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_file() and not is_hidden(p.name))
+
+
+def _scan_class_folder(folder: Path, root: Path, skipped: dict[str, int]) -> list[Path]:
+    """Image files anywhere under ``folder``, sorted by relative path; counts what is skipped."""
+    found: list[Path] = []
+    seen_dirs: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a symlink loop: do not walk the same folder twice
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        hidden_dirs = [d for d in dirnames if is_hidden(d)]
+        skipped["hidden"] += len(hidden_dirs)
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        for name in filenames:
+            if is_hidden(name):
+                skipped["hidden"] += 1
+            elif not is_image_file(name):
+                skipped["non_image"] += 1
+            elif is_mask_file(name):
+                skipped["masks"] += 1
+            else:
+                found.append(Path(dirpath) / name)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_class_folders(folder: Path, root: Path, skipped: dict[str, int]) -> Group:
+    class_dirs = _visible_subdirs(folder)
+    if not class_dirs:
+        raise DataError(
+            f"{folder}: no class folders found (expected <root>/<class>/<images> or "
+            "<root>/<split>/<class>/<images>)"
+        )
+    skipped["outside_class_folders"] += _loose_files(folder)
+    ids: list[str] = []
+    labels: list[str] = []
+    paths: list[str] = []
+    for class_dir in class_dirs:
+        files = _scan_class_folder(class_dir, root, skipped)
+        if not files:
+            raise DataError(f"class folder {class_dir} contains no images")
+        for f in files:
+            ids.append(f.relative_to(root).as_posix())
+            labels.append(class_dir.name)
+            paths.append(str(f))
+    return Group(ids=ids, labels=labels, paths=paths, origin=str(folder))
+
+
+def _read_imagefolder(root: Path) -> Catalog:
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder")
+    skipped = {"masks": 0, "non_image": 0, "hidden": 0, "outside_class_folders": 0}
+    subdirs = _visible_subdirs(root)
+    if not subdirs:
+        raise DataError(f"{root}: empty dataset, no class folders found")
+    is_split = [d.name.lower() in SPLIT_NAMES for d in subdirs]
+    if all(is_split):
+        groups: dict[str, Group] = {}
+        for d in subdirs:
+            key = SPLIT_NAMES[d.name.lower()]
+            if key in groups:
+                raise DataError(
+                    f"{root}: two folders name the {key!r} split ({groups[key].origin} and {d})"
+                )
+            groups[key] = _read_class_folders(d, root, skipped)
+        skipped["outside_class_folders"] += _loose_files(root)
+        groups = {k: groups[k] for k in SPLITS if k in groups}
+        layout = "split"
+    elif any(is_split):
+        names = [d.name for d in subdirs]
+        raise DataError(
+            f"{root}: mixes split folders (train/val/test) with other folders {names}; use either "
+            "<root>/<class>/... or <root>/<split>/<class>/..."
+        )
+    else:
+        groups = {"all": _read_class_folders(root, root, skipped)}
+        layout = "flat"
+    classes = sorted({c for g in groups.values() for c in g.labels})
+    return Catalog(root, "imagefolder", layout, groups, classes, skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# CSV manifest
+
+
+def _read_csv(path: Path) -> Catalog:
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path}")
+    base = path.parent
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}: empty manifest (expected a header with path,label)") from None
+        columns = [h.strip().lower() for h in header]
+        for needed in ("path", "label"):
+            if needed not in columns:
+                raise DataError(
+                    f"{path}: header {header} lacks a {needed!r} column (need path,label[,split])"
+                )
+        i_path, i_label = columns.index("path"), columns.index("label")
+        i_split = columns.index("split") if "split" in columns else None
+
+        rows: list[tuple[int, str, str, str]] = []  # (line, path as written, label, split)
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) < len(columns):
+                raise DataError(f"{path}, line {line}: expected {len(columns)} fields, got {row}")
+            rel, label = row[i_path].strip(), row[i_label].strip()
+            if not rel:
+                raise DataError(f"{path}, line {line}: empty path")
+            if not label:
+                raise DataError(f"{path}, line {line}: empty label for {rel}")
+            split = "all"
+            if i_split is not None:
+                value = row[i_split].strip().lower()
+                if value not in SPLIT_NAMES:
+                    raise DataError(
+                        f"{path}, line {line}: split {row[i_split]!r} is not one of "
+                        "train/val/valid/validation/test"
+                    )
+                split = SPLIT_NAMES[value]
+            rows.append((line, rel, label, split))
+    if not rows:
+        raise DataError(f"{path}: empty manifest, no samples listed")
+
+    numeric = all(_INT.match(label) for _, _, label, _ in rows)
+    first_line: dict[str, int] = {}
+    missing: list[str] = []
+    groups: dict[str, Group] = {}
+    for line, rel, label, split in rows:
+        sample_id = rel.replace("\\", "/")
+        if sample_id in first_line:
+            raise DataError(
+                f"{path}, line {line}: {rel} is listed twice (first on line {first_line[sample_id]})"
+            )
+        first_line[sample_id] = line
+        file = Path(rel) if Path(rel).is_absolute() else base / rel
+        if not file.is_file():
+            missing.append(f"line {line}: {file}")
+            continue
+        g = groups.setdefault(split, Group(ids=[], labels=[], paths=[], origin=str(path)))
+        g.ids.append(sample_id)
+        g.labels.append(str(int(label)) if numeric else label)
+        g.paths.append(str(file))  # type: ignore[union-attr]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DataError(
+            f"{path}: {len(missing)} listed file(s) not found: " + "; ".join(missing[:5]) + more
+        )
+    names = {lab for g in groups.values() for lab in g.labels}
+    classes = sorted(names, key=int) if numeric else sorted(names)
+    if i_split is not None:
+        groups = {k: groups[k] for k in SPLITS if k in groups}
+    return Catalog(path, "csv", "split" if i_split is not None else "flat", groups, classes, {})
+
+
+# --------------------------------------------------------------------------------------------
+# MedMNIST npz
+
+
+def medmnist_flag(path: str | os.PathLike[str]) -> str | None:
+    """The MedMNIST flag the file name starts with (longest match), if any."""
+    stem = Path(path).stem.lower()
+    flags = sorted([*MEDMNIST_CLASSES, *_MULTI_LABEL_FLAGS, *_VOLUME_FLAGS], key=len, reverse=True)
+    return next((f for f in flags if stem.startswith(f)), None)
+
+
+def _read_npz(path: Path) -> Catalog:
+    flag = medmnist_flag(path)
+    if flag in _MULTI_LABEL_FLAGS:
+        raise DataError(f"{path}: {flag} is multi-label; multi-label not supported")
+    if flag in _VOLUME_FLAGS:
+        raise DataError(f"{path}: {flag} holds 3D volumes; only 2D images are supported")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as e:  # zipfile/pickle/OS errors vary; report them uniformly
+        raise DataError(f"{path}: cannot read .npz ({type(e).__name__}: {e})") from e
+    with npz:
+        keys = set(npz.files)
+        raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for split in SPLITS:
+            has_images, has_labels = f"{split}_images" in keys, f"{split}_labels" in keys
+            if has_images != has_labels:
+                raise DataError(f"{path}: has only one of {split}_images / {split}_labels")
+            if has_images:
+                raw[split] = (npz[f"{split}_images"], npz[f"{split}_labels"])
+        # Optional extension (written by `shpeft demo`): the class names, a string array.
+        named = [str(c) for c in npz["class_names"].reshape(-1)] if "class_names" in keys else None
+    if not raw:
+        raise DataError(
+            f"{path}: no MedMNIST keys (expected train_images, train_labels, val_images, ...); "
+            f"found {sorted(keys)}"
+        )
+
+    checked: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split, (images, labels) in raw.items():
+        checked[split] = (_check_images(images, path, split), _check_labels(labels, path, split))
+        if len(checked[split][0]) != len(checked[split][1]):
+            raise DataError(
+                f"{path}: {split}_images has {len(images)} rows but {split}_labels has {len(labels)}"
+            )
+        if len(images) == 0:
+            raise DataError(f"{path}: {split} split is empty")
+
+    max_label = max(int(lab.max()) for _, lab in checked.values())
+    if named is not None:
+        classes = named
+        if max_label >= len(classes):
+            raise DataError(
+                f"{path}: label {max_label} out of range for its {len(classes)} class_names "
+                f"{classes}"
+            )
+    elif flag is not None:
+        classes = list(MEDMNIST_CLASSES[flag])
+        if max_label >= len(classes):
+            raise DataError(
+                f"{path}: label {max_label} out of range for {flag} ({len(classes)} classes: "
+                f"{classes})"
+            )
+    else:
+        classes = [str(i) for i in range(max_label + 1)]
+    groups = {
+        split: Group(
+            ids=[f"{split}/{i}" for i in range(len(lab))],
+            labels=[classes[y] for y in lab.tolist()],
+            images=images,
+            origin=f"{path}:{split}",
+        )
+        for split, (images, lab) in checked.items()
+    }
+    return Catalog(path, "medmnist", "split", groups, classes, {})
+
+
+def _check_images(images: np.ndarray, path: Path, split: str) -> np.ndarray:
+    if images.ndim == 4 and images.shape[3] == 1:
+        images = images[..., 0]
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[3] == 3)):
+        raise DataError(
+            f"{path}: {split}_images has shape {images.shape}; expected (N,H,W) gray or (N,H,W,3)"
+            " RGB (3D volumes are not supported)"
+        )
+    if images.dtype != np.uint8:
+        if (
+            np.issubdtype(images.dtype, np.integer)
+            and images.size
+            and images.min() >= 0
+            and images.max() <= 255
+        ):
+            images = images.astype(np.uint8)
+        else:
+            raise DataError(
+                f"{path}: {split}_images has dtype {images.dtype}; expected uint8 pixel values"
+            )
+    return np.ascontiguousarray(images)
+
+
+def _check_labels(labels: np.ndarray, path: Path, split: str) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        raise DataError(
+            f"{path}: {split}_labels has shape {labels.shape} (one column per label): "
+            "multi-label not supported"
+        )
+    if not (labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1)):
+        raise DataError(f"{path}: {split}_labels has shape {labels.shape}; expected (N,) or (N,1)")
+    labels = labels.reshape(-1)
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise DataError(f"{path}: {split}_labels has dtype {labels.dtype}; expected integers")
+    if np.issubdtype(labels.dtype, np.floating) and not np.all(np.equal(np.mod(labels, 1), 0)):
+        raise DataError(f"{path}: {split}_labels holds non-integer values")
+    labels = labels.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path}: {split}_labels has negative label {labels.min()} (out of range)")
+    return labels

@@ -1,0 +1,449 @@
+"""The training loop shared by every method: data -> model -> method.prepare -> SGD -> delta.
+
+Reads top to bottom (nanoGPT style). The paper's recipe is the default: SGD with momentum 0.9,
+batch 64, lr 1e-3, cosine annealing over 40k iterations; validation every ``eval_every``
+iterations keeps the best trainable state by validation macro F1; the test split is touched once,
+at the end, with that best state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from shpeft import __version__
+from shpeft.backbones import BackboneConfig, create_model, hash_backbone, make_head
+from shpeft.config import from_dict, to_dict
+from shpeft.data import DataConfig, load_data
+from shpeft.evaluate import evaluate, format_metrics, save_confusion_matrix_png
+from shpeft.methods import Method, MethodConfig, PrepareContext, get_method
+
+log = logging.getLogger("shpeft")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe and run bookkeeping (defaults: the paper's recipe)."""
+
+    out: str = field(default="runs/shpeft", metadata={"help": "run directory to create"})
+    method: str = field(default="shpeft", metadata={"help": "PEFT method (see `shpeft methods`)"})
+    iterations: int = field(default=40000, metadata={"help": "optimizer steps (paper: 40000)"})
+    batch_size: int = field(default=64, metadata={"help": "mini-batch size (paper: 64)"})
+    lr: float = field(default=1e-3, metadata={"help": "SGD learning rate (paper: 1e-3)"})
+    head_lr: float | None = field(
+        default=None, metadata={"help": "learning rate of the head (default: --lr)"}
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)"})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "weight decay (only on trained scalars)"}
+    )
+    schedule: str = field(
+        default="cosine",
+        metadata={"help": "learning-rate schedule", "choices": ("cosine", "constant")},
+    )
+    warmup_iterations: int = field(default=0, metadata={"help": "linear warm-up iterations"})
+    eval_every: int = field(
+        default=0, metadata={"help": "validate every N iterations (0: ten times per run)"}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of the model head, data order and augmentation"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run directory"})
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
+            raise ValueError(
+                f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0 or self.warmup_iterations < 0 or self.eval_every < 0:
+            raise ValueError("weight_decay, warmup_iterations and eval_every must be >= 0")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; written resolved to ``config.json`` in the run directory."""
+
+    backbone: BackboneConfig
+    data: DataConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig | None = None
+
+    def method_obj(self) -> Method:
+        return get_method(self.train.method)(self.method)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and the git commit, recorded beside every result."""
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
+    import timm
+
+    return {
+        "shpeft": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": commit,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of the base lr at iteration ``it`` (0-based): warm-up then cosine to 0."""
+
+    def f(it: int) -> float:
+        if it < cfg.warmup_iterations:
+            return (it + 1) / cfg.warmup_iterations
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.iterations - cfg.warmup_iterations)
+        return 0.5 * (1 + math.cos(math.pi * (it - cfg.warmup_iterations) / span))
+
+    return f
+
+
+def make_loader(
+    dataset, batch_size: int, *, seed: int, shuffle: bool, num_workers: int = 0, drop_last=False
+):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=g,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def infinite(loader):
+    """Cycle through a loader; a seeded generator gives each epoch its own fixed order."""
+    while True:
+        yield from loader
+
+
+def backbone_size(model: nn.Module) -> int:
+    """Scalars of the backbone (everything but the head), before any method touches it."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head."))
+
+
+def count_trainable(
+    model: nn.Module, trainable: list[nn.Parameter], backbone_params: int
+) -> dict[str, Any]:
+    """Trainable scalars, the head counted apart from the backbone budget (same for every method)."""
+    head_ids = {id(p) for n, p in model.named_parameters() if n.startswith("head.")}
+    head = sum(p.numel() for p in trainable if id(p) in head_ids)
+    backbone = sum(p.numel() for p in trainable) - head
+    return {
+        "backbone_trainable": backbone,
+        "head_trainable": head,
+        "backbone_params": backbone_params,
+        "backbone_trainable_pct": 100.0 * backbone / max(1, backbone_params),
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(out: str, overwrite: bool) -> Path:
+    run_dir = Path(out)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"run directory {run_dir} exists and is not empty (use --overwrite)"
+            )
+        for p in run_dir.iterdir():
+            if p.is_file():
+                p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``."""
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    method = cfg.method_obj()
+    cfg.method = method.config
+    torch.manual_seed(tc.seed)
+
+    # Model first (its input spec decides how images are resized and normalised), head resized
+    # once the classes are known.
+    model, spec = create_model(cfg.backbone, num_classes=2)
+    data = load_data(
+        cfg.data,
+        image_size=spec.image_size,
+        mean=spec.mean,
+        std=spec.std,
+        interpolation=spec.interpolation,
+    )
+    classes = list(data.classes)
+    torch.manual_seed(tc.seed)
+    model.head = make_head(cfg.backbone.head, model.head.in_features, len(classes))
+    model.num_classes = len(classes)
+    model.to(device)
+    base_hash = hash_backbone(model)
+
+    run_dir = prepare_run_dir(tc.out, tc.overwrite)
+    env = environment()
+    resolved = {
+        "backbone": to_dict(cfg.backbone),
+        "data": to_dict(cfg.data),
+        "train": to_dict(tc),
+        "method": to_dict(method.config),
+        "classes": classes,
+        "input": to_dict(spec),
+        "base_hash": base_hash,
+        "environment": env,
+    }
+    _write_json(run_dir / "config.json", resolved)
+    _write_json(run_dir / "split.json", data.split_record)
+    log_path = run_dir / "train_log.jsonl"
+    log_path.write_text("")
+
+    def log_row(row: dict) -> None:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    nw = cfg.data.num_workers
+    train_loader = make_loader(
+        data.train,
+        tc.batch_size,
+        seed=tc.seed,
+        shuffle=True,
+        num_workers=nw,
+        drop_last=len(data.train) > tc.batch_size,
+    )
+    val_loader = (
+        make_loader(data.val, tc.batch_size, seed=0, shuffle=False, num_workers=nw)
+        if data.val
+        else None
+    )
+    test_loader = (
+        make_loader(data.test, tc.batch_size, seed=0, shuffle=False, num_workers=nw)
+        if data.test
+        else None
+    )
+
+    def importance_loader():
+        # One epoch of the training split in a fixed, seeded order; no augmentation randomness
+        # beyond the seed (the dataset's own flip uses the global RNG, reseeded here).
+        torch.manual_seed(tc.seed + 1)
+        return make_loader(
+            data.train, tc.batch_size, seed=tc.seed + 1, shuffle=True, num_workers=nw
+        )
+
+    def fit_head(iterations: int) -> None:
+        _fit_head(model, train_loader, iterations, tc, device)
+
+    ctx = PrepareContext(
+        importance_loader=importance_loader,
+        fit_head=fit_head,
+        device=device,
+        run_dir=run_dir,
+        progress=tc.progress,
+    )
+    n_backbone = backbone_size(model)
+    t0 = time.perf_counter()
+    trainable = method.prepare(model, ctx)
+    prepare_s = time.perf_counter() - t0
+    for name, art in ctx.artifacts.items():
+        _write_json(run_dir / f"{name}.json", art)
+    counts = count_trainable(model, trainable, n_backbone)
+    log.info(
+        "%s: %d trainable backbone scalars (%.4f%% of %d) + %d head",
+        method.name,
+        counts["backbone_trainable"],
+        counts["backbone_trainable_pct"],
+        counts["backbone_params"],
+        counts["head_trainable"],
+    )
+
+    head_ids = {id(p) for n, p in model.named_parameters() if n.startswith("head.")}
+    groups = [
+        {"params": [p for p in trainable if id(p) not in head_ids], "lr": tc.lr},
+        {"params": [p for p in trainable if id(p) in head_ids], "lr": tc.head_lr or tc.lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
+
+    eval_every = tc.eval_every or max(1, tc.iterations // 10)
+    best = {"macro_f1": -1.0, "iteration": None}
+    best_state = None
+    torch.manual_seed(tc.seed)
+    batches = infinite(train_loader)
+    model.train()
+    t_start, seen = time.perf_counter(), 0
+    bar = tqdm(
+        range(1, tc.iterations + 1),
+        desc=f"train {method.name}",
+        disable=not tc.progress,
+        dynamic_ncols=True,
+    )
+    for it in bar:
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at iteration {it}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        seen += x.shape[0]
+        if it % 10 == 0 or it == tc.iterations:
+            rate = seen / (time.perf_counter() - t_start)
+            bar.set_postfix(
+                loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}"
+            )
+            log_row(
+                {
+                    "iteration": it,
+                    "loss": loss.item(),
+                    "lr": sched.get_last_lr()[0],
+                    "img_per_s": rate,
+                }
+            )
+        if val_loader is not None and (it % eval_every == 0 or it == tc.iterations):
+            m = evaluate(model, val_loader, classes, device)
+            log_row({"iteration": it, "val": {k: m[k] for k in ("macro_f1", "accuracy", "auc")}})
+            if m["macro_f1"] > best["macro_f1"]:
+                best = {"macro_f1": m["macro_f1"], "iteration": it, "val": m}
+                best_state = [p.detach().clone() for p in trainable]
+            model.train()
+    train_s = time.perf_counter() - t_start
+    if best_state is not None:  # restore the best validation state before export and test
+        with torch.no_grad():
+            for p, v in zip(trainable, best_state, strict=True):
+                p.copy_(v)
+
+    delta = method.delta(model)
+    delta.meta.update(method.meta())
+    delta.meta.update(
+        {
+            "base_model": cfg.backbone.model,
+            "base_hash": base_hash,
+            "shpeft_version": __version__,
+            "classes": classes,
+            "head": cfg.backbone.head,
+            "image_size": spec.image_size,
+            "iteration": best["iteration"] or tc.iterations,
+        }
+    )
+    delta_path = delta.save(run_dir / "delta.safetensors")
+
+    metrics: dict[str, Any] = {
+        "method": method.name,
+        "trainable": counts,
+        "iterations": tc.iterations,
+        "best_iteration": best["iteration"],
+        "prepare_s": prepare_s,
+        "train_s": train_s,
+        "delta_bytes": delta_path.stat().st_size,
+        "val": best.get("val"),
+    }
+    if test_loader is not None:
+        metrics["test"] = evaluate(model, test_loader, classes, device)
+        save_confusion_matrix_png(
+            metrics["test"]["confusion_matrix"],
+            classes,
+            run_dir / "confusion_matrix_test.png",
+            title=f"{method.name}: test",
+        )
+        log.info("test:\n%s", format_metrics(metrics["test"]))
+    _write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _fit_head(model: nn.Module, loader, iterations: int, tc: TrainConfig, device) -> None:
+    """A short linear probe (head only) used by ``--head-init probe`` before importance."""
+    head = [p for n, p in model.named_parameters() if n.startswith("head.")]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("head."))
+    opt = torch.optim.SGD(head, lr=tc.head_lr or tc.lr, momentum=tc.momentum)
+    batches = infinite(loader)
+    model.train()
+    for _ in tqdm(range(iterations), desc="head probe", disable=not tc.progress):
+        x, y = next(batches)
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags[n])
+
+
+def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a shpeft run directory (no config.json)")
+    return json.loads(path.read_text())
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "cpu", delta_path: str | None = None):
+    """Rebuild a trained model from a run directory: base backbone + its delta.
+
+    Returns:
+        ``(model, classes, input_spec, config_dict)``; the model is a plain timm model (the delta
+        is written into its weights), so inference has no shpeft overhead.
+    """
+    from shpeft.delta import Delta, apply_delta
+
+    conf = load_run_config(run_dir)
+    bcfg = from_dict(BackboneConfig, conf["backbone"])
+    classes = conf["classes"]
+    model, spec = create_model(bcfg, num_classes=len(classes))
+    delta = Delta.load(delta_path or Path(run_dir) / "delta.safetensors")
+    apply_delta(model, delta, base_hash=hash_backbone(model))
+    model.to(resolve_device(device)).eval()
+    return model, classes, spec, conf

@@ -1,0 +1,223 @@
+"""End-to-end: the CLI on real data (BreastMNIST) with the real pretrained vit_pico backbone."""
+
+import csv
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from shpeft.cli import main
+from shpeft.delta import Delta
+from shpeft.train import load_run
+
+
+def train_args(model_dir, data, out, *extra):
+    return [
+        "-q",
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--iterations",
+        "12",
+        "--batch-size",
+        "32",
+        "--eval-every",
+        "6",
+        "--no-progress",
+        "--importance-batches",
+        "4",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def shpeft_run(tmp_path_factory):
+    from tests.conftest import SHARED_DATA, SHARED_MODELS
+
+    if not (SHARED_MODELS / "vit_pico").exists():
+        pytest.skip(
+            "../shared is absent (it ships beside the project in CI, not in a user's clone)"
+        )
+    out = tmp_path_factory.mktemp("runs") / "bm"
+    data = SHARED_DATA / "breastmnist" / "breastmnist.npz"
+    assert main(train_args(SHARED_MODELS / "vit_pico", data, out, "--ratio", "0.01")) == 0
+    return out, data
+
+
+@pytest.mark.slow
+def test_train_writes_a_complete_run_directory(shpeft_run):
+    out, _ = shpeft_run
+    for name in (
+        "config.json",
+        "split.json",
+        "train_log.jsonl",
+        "metrics.json",
+        "delta.safetensors",
+        "selection.json",
+        "confusion_matrix_test.png",
+    ):
+        assert (out / name).is_file(), name
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["method"]["ratio"] == 0.01 and conf["classes"] == ["malignant", "normal, benign"]
+    assert conf["environment"]["torch"] == torch.__version__
+    metrics = json.loads((out / "metrics.json").read_text())
+    counts = metrics["trainable"]
+    assert counts["backbone_trainable"] == round(0.01 * counts["backbone_params"])
+    assert counts["head_trainable"] == 2 * 64 + 2
+    for key in ("macro_f1", "accuracy", "auc"):
+        assert 0 <= metrics["test"][key] <= 1
+    assert metrics["test"]["n"] == 156
+    delta = Delta.load(out / "delta.safetensors")
+    assert delta.num_sparse == counts["backbone_trainable"]
+    assert delta.meta["base_hash"] == conf["base_hash"] and delta.meta["method"] == "shpeft"
+    # sparse delta: indices int32 + float32 values + head + small metadata
+    assert (out / "delta.safetensors").stat().st_size <= 8 * delta.num_sparse + 4 * 130 + 16 * 1024
+
+
+@pytest.mark.slow
+def test_trained_model_differs_from_base_only_at_selected_scalars(shpeft_run, vit_pico_dir):
+    out, _ = shpeft_run
+    base = load_file(str(vit_pico_dir / "model.safetensors"))
+    model, *_ = load_run(out)
+    delta = Delta.load(out / "delta.safetensors")
+    for name, tensor in model.state_dict().items():
+        if name.startswith("head."):
+            continue
+        diff = torch.nonzero((tensor != base[name]).reshape(-1)).squeeze(1)
+        allowed = (
+            delta.sparse[name][0].long()
+            if name in delta.sparse
+            else torch.empty(0, dtype=torch.long)
+        )
+        assert set(diff.tolist()) <= set(allowed.tolist()), name
+    changed = sum(
+        int((model.state_dict()[n].reshape(-1)[i.long()] != base[n].reshape(-1)[i.long()]).sum())
+        for n, (i, _) in delta.sparse.items()
+    )
+    assert changed > 0
+
+
+@pytest.mark.slow
+def test_eval_predict_merge(shpeft_run, tmp_path, capsys):
+    out, data = shpeft_run
+    assert (
+        main(
+            [
+                "-q",
+                "eval",
+                "--run",
+                str(out),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
+    m = json.loads((tmp_path / "m.json").read_text())
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert m["macro_f1"] == pytest.approx(test["macro_f1"]) and m["n"] == 156
+
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(28, 28) * 255).byte().numpy()).save(imgs / f"{i}.png")
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                "--run",
+                str(out),
+                "--images",
+                str(imgs),
+                "-o",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 0
+    )
+    rows = list(csv.DictReader((tmp_path / "p.csv").read_text().splitlines()))
+    assert len(rows) == 3 and {r["prediction"] for r in rows} <= {"malignant", "normal, benign"}
+    assert all(
+        abs(float(r["prob_malignant"]) + float(r["prob_normal, benign"]) - 1) < 1e-4 for r in rows
+    )
+
+    merged = tmp_path / "merged.safetensors"
+    assert main(["-q", "merge", "--run", str(out), "--out", str(merged)]) == 0
+    with safe_open(str(merged), "pt") as f:
+        meta = f.metadata()
+    card = json.loads((out / "config.json").read_text())
+    # A plain timm model, no shpeft: same logits as the run's model.
+    from tests.conftest import SHARED_MODELS
+
+    kwargs = json.loads((SHARED_MODELS / "vit_pico" / "card.json").read_text())["kwargs"] | {
+        "num_classes": 2
+    }
+    plain = timm.models.vision_transformer.VisionTransformer(**kwargs).eval()
+    plain.load_state_dict(load_file(str(merged)))
+    model, *_ = load_run(out)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        feats = plain.forward_head(plain.forward_features(x), pre_logits=True)
+        logits = plain.head(F.normalize(feats, dim=-1))
+        torch.testing.assert_close(logits, model(x), rtol=0, atol=1e-6)
+    assert meta["head"] == "l2norm" and json.loads(meta["classes"]) == card["classes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["linear", "full"])
+def test_baselines_train(method, tmp_path, shared_data, vit_pico_dir):
+    out = tmp_path / method
+    data = shared_data / "breastmnist" / "breastmnist.npz"
+    assert main(train_args(vit_pico_dir, data, out, "--method", method)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    counts = metrics["trainable"]
+    assert counts["head_trainable"] == 130
+    assert counts["backbone_trainable"] == (counts["backbone_params"] if method == "full" else 0)
+    model, *_ = load_run(out)  # the delta applies back onto the base
+
+
+def test_errors_are_one_line(tmp_path, capsys, vit_pico_dir):
+    rc = main(
+        ["train", "--model", "no_such_vit", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "error" in err and "Traceback" not in err
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(vit_pico_dir),
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+            "--ratio",
+            "0.01",
+        ]
+    )
+    assert rc == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--ratio", "abc"])
+    rc = main(["train", "--model", str(vit_pico_dir), "--data", str(tmp_path), "--ratio", "2"])
+    assert rc == 2 and "ratio" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_methods_lists_registry(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("shpeft", "linear", "full"):
+        assert name in out
