@@ -221,3 +221,34 @@ def test_methods_lists_registry(capsys):
     out = capsys.readouterr().out
     for name in ("shpeft", "linear", "full"):
         assert name in out
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "merge", "methods", "demo"])
+def test_help_of_every_command(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_train_flags_map_to_configs():
+    from shpeft.cli import build_parser
+
+    ns = build_parser().parse_args(
+        [
+            "train",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--lambda",
+            "0.5",
+            "--ratio",
+            "0.0001",
+            "--no-pretrained",
+            "--importance-batches",
+            "none",
+        ]
+    )
+    assert ns.lam == 0.5 and ns.ratio == 0.0001 and ns.pretrained is False
+    assert ns.importance_batches is None

@@ -48,7 +48,6 @@ def _add_train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune a backbone on a labelled dataset and write a run directory",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Fine-tune a pretrained ViT with a PEFT method (default: SH-PEFT at 1%%). "
         "Writes config.json, split.json, train_log.jsonl, metrics.json, the confusion matrix and "
         "delta.safetensors into --out.",

@@ -50,7 +50,7 @@ def add_dataclass_arguments(
         if f.name in skip or not f.init:
             continue
         tp, optional = _base_type(hints[f.name])
-        help_ = f.metadata.get("help", "")
+        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
@@ -67,7 +67,9 @@ def add_dataclass_arguments(
         if required:
             kwargs["required"] = True
             kwargs.pop("default")
-        kwargs["help"] = f"{help_} (default: {default})" if not required else help_
+        kwargs["help"] = (
+            f"{help_} (default: {str(default).replace('%', '%%')})" if not required else help_
+        )
         names = [flag(f.name)] + list(f.metadata.get("aliases", ()))
         group.add_argument(*names, **kwargs)
 
