@@ -232,9 +232,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from shpeft.delta import atomic_save_safetensors
-    from shpeft.train import load_run
+    from shpeft.train import load_run, method_from_config
 
     model, classes, spec, conf = load_run(args.run, device="cpu")
+    model = method_from_config(conf).merge(model)
     meta = {
         "format": "shpeft-merged",
         "shpeft_version": __version__,

@@ -431,19 +431,29 @@ def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "cpu", delta_path: str | None = None):
-    """Rebuild a trained model from a run directory: base backbone + its delta.
+    """Rebuild a trained model from a run directory: base backbone + the method's delta.
 
     Returns:
-        ``(model, classes, input_spec, config_dict)``; the model is a plain timm model (the delta
-        is written into its weights), so inference has no shpeft overhead.
+        ``(model, classes, input_spec, config_dict)``. For methods that only change existing
+        tensors the model is a plain timm model with the delta written into its weights; methods
+        that add modules (adapters, LoRA, prompts) are re-built first (see ``Method.build``).
     """
     from shpeft.delta import Delta, apply_delta
 
     conf = load_run_config(run_dir)
     bcfg = from_dict(BackboneConfig, conf["backbone"])
     classes = conf["classes"]
+    method = method_from_config(conf)
     model, spec = create_model(bcfg, num_classes=len(classes))
+    base_hash = hash_backbone(model)
     delta = Delta.load(delta_path or Path(run_dir) / "delta.safetensors")
-    apply_delta(model, delta, base_hash=hash_backbone(model))
+    method.build(model)
+    apply_delta(model, delta, base_hash=base_hash)
     model.to(resolve_device(device)).eval()
     return model, classes, spec, conf
+
+
+def method_from_config(conf: dict[str, Any]) -> Method:
+    """The run's method object, with the settings recorded in its ``config.json``."""
+    cls = get_method(conf["train"]["method"])
+    return cls(from_dict(cls.config_cls, conf.get("method") or {}))

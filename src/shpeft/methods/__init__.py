@@ -1,7 +1,32 @@
-"""PEFT methods behind one interface; importing this package registers the built-in ones."""
+"""PEFT methods behind one interface.
 
-from shpeft.methods import shpeft as _shpeft  # noqa: F401  (registers)
-from shpeft.methods import simple as _simple  # noqa: F401  (registers)
-from shpeft.methods.base import METHODS, Method, MethodConfig, PrepareContext, get_method, register
+Each method is one module of this package with a typed config and a ``@register``-ed class;
+importing the package imports every module in it, so adding a method needs no other edit.
+"""
 
-__all__ = ["METHODS", "Method", "MethodConfig", "PrepareContext", "get_method", "register"]
+import importlib
+import pkgutil
+
+from shpeft.methods.base import (
+    METHODS,
+    Method,
+    MethodConfig,
+    PrepareContext,
+    SelectiveMethod,
+    get_method,
+    register,
+)
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodConfig",
+    "PrepareContext",
+    "SelectiveMethod",
+    "get_method",
+    "register",
+]

@@ -54,8 +54,33 @@ class Method:
         raise NotImplementedError
 
     def delta(self, model: nn.Module) -> Delta:
-        """The trained tensors of a prepared model (metadata is added by the caller)."""
+        """The trained tensors of a prepared model (metadata is added by the caller).
+
+        Tensors that replace base tensors keep their base names; tensors the method adds
+        (adapters, LoRA factors, prompts, scales) are named as in ``model.named_parameters()``
+        after :meth:`build`, so that loading is ``build`` followed by ``apply_delta``.
+        """
         raise NotImplementedError
+
+    def build(self, model: nn.Module) -> None:
+        """Re-create the modules the method adds (untrained), so a saved delta can be loaded.
+
+        Methods that only change existing tensors (shpeft, full, linear, bitfit, ...) add none.
+        Must be deterministic given the config: same parameter names and shapes as ``prepare``.
+        """
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the method into a plain backbone (same logits, timm state-dict keys).
+
+        Raises:
+            ValueError: for methods whose added modules cannot be folded into the weights.
+        """
+        if not self.mergeable:
+            raise ValueError(
+                f"method {self.name!r} adds computation that cannot be folded into the backbone "
+                "weights; load the run with shpeft.load_run instead of merging"
+            )
+        return model
 
     def meta(self) -> dict[str, Any]:
         """Method settings recorded in the delta's metadata."""
@@ -99,3 +124,37 @@ def freeze_all_but_head(model: nn.Module) -> list[nn.Parameter]:
 
 def head_delta(model: nn.Module) -> dict:
     return {n: p.detach().clone() for n, p in head_parameters(model).items()}
+
+
+class SelectiveMethod(Method):
+    """Trains whole existing tensors chosen by name (LayerNorm, biases, attention, ...) + head.
+
+    Subclasses implement :meth:`selects`. The delta stores the chosen tensors whole (dense);
+    merging is trivial because nothing is added to the network.
+    """
+
+    def selects(self, name: str, param: nn.Parameter) -> bool:
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:
+        head = freeze_all_but_head(model)
+        chosen = [
+            p
+            for n, p in model.named_parameters()
+            if n not in head_parameters(model) and self.selects(n, p)
+        ]
+        if not chosen:
+            raise ValueError(f"method {self.name!r} found no parameter to train in this model")
+        for p in chosen:
+            p.requires_grad_(True)
+        return chosen + head
+
+    def delta(self, model: nn.Module) -> Delta:
+        head = head_parameters(model)
+        return Delta(
+            dense={
+                n: p.detach().clone()
+                for n, p in model.named_parameters()
+                if n in head or self.selects(n, p)
+            }
+        )

@@ -18,7 +18,7 @@ from shpeft.methods.base import (
     register,
 )
 from shpeft.selection import masks_to_indices, select_topk
-from shpeft.sparse import attach_sparse, sparse_state
+from shpeft.sparse import attach_sparse, merge_sparse, sparse_state
 
 
 @dataclass
@@ -116,6 +116,9 @@ class Shpeft(Method):
     def delta(self, model: nn.Module) -> Delta:
         sparse = {n: (i.to(torch.int32), v) for n, (i, v) in sparse_state(model).items()}
         return Delta(sparse=sparse, dense=head_delta(model))
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return merge_sparse(model)
 
 
 def selection_summary(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
