@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from shpeft.cli import main
 from shpeft.delta import Delta
-from shpeft.train import load_run
+from shpeft.training import load_run
 
 
 def train_args(model_dir, data, out, *extra):
@@ -252,3 +252,18 @@ def test_train_flags_map_to_configs():
     )
     assert ns.lam == 0.5 and ns.ratio == 0.0001 and ns.pretrained is False
     assert ns.importance_batches is None
+
+
+@pytest.mark.slow
+def test_delta_on_a_different_base_is_refused(shpeft_run, tmp_path, capsys):
+    import shutil
+
+    out, data = shpeft_run
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    conf = json.loads((other / "config.json").read_text())
+    conf["backbone"]["pretrained"] = False  # a randomly initialised "base" of the same shape
+    (other / "config.json").write_text(json.dumps(conf))
+    rc = main(["eval", "--run", str(other), "--data", str(data)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "different base" in err and "Traceback" not in err

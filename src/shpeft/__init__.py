@@ -16,7 +16,7 @@ from shpeft.methods import METHODS, get_method
 from shpeft.methods.shpeft import ShpeftConfig
 from shpeft.selection import select_topk
 from shpeft.sparse import attach_sparse, merge_sparse
-from shpeft.train import RunConfig, TrainConfig, load_run, train
+from shpeft.training import RunConfig, TrainConfig, load_run, train
 
 __all__ = [
     "METHODS",

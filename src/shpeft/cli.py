@@ -43,7 +43,7 @@ def _add_train_parser(sub) -> None:
     from shpeft.backbones import BackboneConfig
     from shpeft.config import add_dataclass_arguments
     from shpeft.data import DataConfig
-    from shpeft.train import TrainConfig
+    from shpeft.training import TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -51,6 +51,12 @@ def _add_train_parser(sub) -> None:
         description="Fine-tune a pretrained ViT with a PEFT method (default: SH-PEFT at 1%%). "
         "Writes config.json, split.json, train_log.jsonl, metrics.json, the confusion matrix and "
         "delta.safetensors into --out.",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted run from its newest good checkpoint (its own config is "
+        "used; other flags are ignored except --threads, --device, --progress)",
     )
     p.add_argument(
         "--config",
@@ -146,8 +152,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shpeft.config import dataclass_from_args
     from shpeft.data import DataConfig
     from shpeft.methods import get_method
-    from shpeft.train import RunConfig, TrainConfig, train
+    from shpeft.training import RunConfig, TrainConfig, train
 
+    if args.resume:
+        from shpeft.training import resume_run
+
+        extra = {k: getattr(args, k) for k in ("progress", "threads", "device") if hasattr(args, k)}
+        return _print_summary(resume_run(args.resume, **extra))
     base = _read_config_file(args.config)
     given = vars(args)
 
@@ -164,7 +175,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         train=tc,
         method=build(method_cls.config_cls, "method"),
     )
-    metrics = train(cfg)
+    return _print_summary(train(cfg))
+
+
+def _print_summary(metrics: dict) -> int:
     summary = {k: metrics[k] for k in ("method", "trainable", "best_iteration", "delta_bytes")}
     if "test" in metrics:
         summary["test"] = {k: metrics["test"][k] for k in ("macro_f1", "accuracy", "auc")}
@@ -175,7 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from shpeft.data import load_eval_data
     from shpeft.evaluate import evaluate, format_metrics
-    from shpeft.train import _write_json, load_run, make_loader
+    from shpeft.training import _write_json, load_run, make_loader
 
     model, classes, spec, _ = load_run(args.run, device=args.device)
     ds = load_eval_data(
@@ -204,7 +218,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from shpeft.data import ImageFileDataset, list_images
-    from shpeft.train import load_run, make_loader
+    from shpeft.training import load_run, make_loader
 
     model, classes, spec, _ = load_run(args.run, device=args.device)
     paths = list_images(args.images)
@@ -232,7 +246,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from shpeft.delta import atomic_save_safetensors
-    from shpeft.train import load_run, method_from_config
+    from shpeft.training import load_run, method_from_config
 
     model, classes, spec, conf = load_run(args.run, device="cpu")
     model = method_from_config(conf).merge(model)

@@ -64,11 +64,12 @@ def add_dataclass_arguments(
                 kwargs["choices"] = f.metadata["choices"]
             kwargs["metavar"] = f.metadata.get("metavar", conv.__name__.upper())
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
-        if required:
-            kwargs["required"] = True
-            kwargs.pop("default")
+        # Required fields are checked when the config is built (see dataclass_from_args), so
+        # that options such as --resume can stand in for them.
         kwargs["help"] = (
-            f"{help_} (default: {str(default).replace('%', '%%')})" if not required else help_
+            f"{help_} (default: {str(default).replace('%', '%%')})"
+            if not required
+            else f"{help_} (required)"
         )
         names = [flag(f.name)] + list(f.metadata.get("aliases", ()))
         group.add_argument(*names, **kwargs)
@@ -80,6 +81,16 @@ def dataclass_from_args(cls: type[T], ns: argparse.Namespace | dict, **overrides
     names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     kwargs = {k: v for k, v in values.items() if k in names}
     kwargs.update(overrides)
+    missing = [
+        flag(f.name)
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.init
+        and f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise ValueError(f"missing required option {', '.join(missing)}")
     return cls(**kwargs)
 
 

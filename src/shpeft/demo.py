@@ -473,7 +473,7 @@ def run_demo(
     from shpeft.backbones import BackboneConfig
     from shpeft.data import DataConfig
     from shpeft.methods import get_method
-    from shpeft.train import RunConfig, TrainConfig, train
+    from shpeft.training import RunConfig, TrainConfig, train
 
     out = Path(out)
     pre_npz, transfer_npz = make_digits_data(out / "data", seed=seed)

@@ -36,6 +36,8 @@ class PrepareContext:
     progress: bool = False
     artifacts: dict[str, Any] = field(default_factory=dict)
     """Method outputs to write into the run directory (JSON-serialisable)."""
+    saved_state: dict[str, Any] | None = None
+    """On resume: what :meth:`Method.state` returned in the first run (reuse, don't recompute)."""
 
 
 class Method:
@@ -61,6 +63,10 @@ class Method:
         after :meth:`build`, so that loading is ``build`` followed by ``apply_delta``.
         """
         raise NotImplementedError
+
+    def state(self, model: nn.Module) -> dict[str, Any]:
+        """Data-driven choices made in :meth:`prepare` (tensors), saved once for resuming."""
+        return {}
 
     def build(self, model: nn.Module) -> None:
         """Re-create the modules the method adds (untrained), so a saved delta can be loaded.

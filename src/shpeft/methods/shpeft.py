@@ -91,6 +91,12 @@ class Shpeft(Method):
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:
         cfg = self.config
+        if ctx.saved_state is not None:  # resuming: the selection is fixed once made
+            # safetensors sorts keys: restore named_parameters() order (the optimizer's order)
+            saved = ctx.saved_state
+            indices = {n: saved[n].long() for n, _ in model.named_parameters() if n in saved}
+            head = freeze_all_but_head(model)
+            return attach_sparse(model, indices) + head
         if ctx.importance_loader is None:
             raise ValueError("SH-PEFT needs training data to estimate importance")
         if cfg.head_init == "probe":
@@ -119,6 +125,10 @@ class Shpeft(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return merge_sparse(model)
+
+    def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The selected flat indices per tensor (int64)."""
+        return {n: i.clone() for n, (i, _) in sparse_state(model).items()}
 
 
 def selection_summary(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:

@@ -14,22 +14,27 @@ import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from shpeft import __version__
 from shpeft.backbones import BackboneConfig, create_model, hash_backbone, make_head
+from shpeft.checkpoint import RunLock, load_latest_checkpoint, save_checkpoint
 from shpeft.config import from_dict, to_dict
 from shpeft.data import DataConfig, load_data
+from shpeft.delta import atomic_save_safetensors
 from shpeft.evaluate import evaluate, format_metrics, save_confusion_matrix_png
 from shpeft.methods import Method, MethodConfig, PrepareContext, get_method
 
@@ -67,6 +72,16 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run directory"})
+    checkpoint_every: int = field(
+        default=0,
+        metadata={
+            "help": "write a resumable checkpoint every N iterations (0: at each validation)"
+        },
+    )
+    skip_nonfinite: bool = field(
+        default=False,
+        metadata={"help": "skip batches whose loss or gradient is not finite instead of stopping"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size"):
@@ -78,8 +93,13 @@ class TrainConfig:
             )
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0 or self.warmup_iterations < 0 or self.eval_every < 0:
-            raise ValueError("weight_decay, warmup_iterations and eval_every must be >= 0")
+        if (
+            min(self.weight_decay, self.warmup_iterations, self.eval_every, self.checkpoint_every)
+            < 0
+        ):
+            raise ValueError(
+                "weight_decay, warmup_iterations, eval_every and checkpoint_every must be >= 0"
+            )
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
 
@@ -145,24 +165,68 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def make_loader(
-    dataset, batch_size: int, *, seed: int, shuffle: bool, num_workers: int = 0, drop_last=False
+    dataset, batch_size: int, *, seed: int = 0, shuffle: bool = False, num_workers: int = 0
 ):
+    """An evaluation / importance loader (fixed order, or one seeded shuffle)."""
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=g,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        persistent_workers=num_workers > 0,
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers
     )
 
 
-def infinite(loader):
-    """Cycle through a loader; a seeded generator gives each epoch its own fixed order."""
-    while True:
-        yield from loader
+class IterationBatchSampler(Sampler[list[int]]):
+    """Index batches for iterations ``start+1 .. total``: a pure function of (seed, iteration).
+
+    Epoch e is a seeded permutation of the training set cut into full batches, so the batch of any
+    iteration can be recomputed without replaying the ones before it: a resumed run sees exactly
+    the batches an uninterrupted one would have seen, with any number of loader workers.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int) -> None:
+        if n < 1:
+            raise ValueError("the training split is empty")
+        self.n, self.bs, self.seed, self.start, self.total = (
+            n,
+            min(batch_size, n),
+            seed,
+            start,
+            total,
+        )
+        self.per_epoch = n // self.bs
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def batch(self, it: int) -> list[int]:
+        epoch, b = divmod(it - 1, self.per_epoch)
+        if self._cache is None or self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5EED))
+            self._cache = (epoch, torch.randperm(self.n, generator=g))
+        return self._cache[1][b * self.bs : (b + 1) * self.bs].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for it in range(self.start + 1, self.total + 1):
+            yield self.batch(it)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (deterministic across processes, unlike ``hash``)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+def augment_batch(x: torch.Tensor, kind: str, seed: int, it: int) -> torch.Tensor:
+    """Training augmentation, seeded by (seed, iteration) so that a resumed run repeats it."""
+    if kind == "none":
+        return x
+    if kind == "flip":
+        g = torch.Generator().manual_seed(_mix(seed, it, 0xF11B))
+        flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    raise ValueError(f"unknown augmentation {kind!r}")
 
 
 def backbone_size(model: nn.Module) -> int:
@@ -191,22 +255,32 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(out: str, overwrite: bool) -> Path:
-    run_dir = Path(out)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"run directory {run_dir} exists and is not empty (use --overwrite)"
-            )
-        for p in run_dir.iterdir():
-            if p.is_file():
-                p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a used run directory unless ``overwrite``, then clear what a run writes there.
+
+    Called with the run lock held, so a run in progress is never cleared under its feet.
+    """
+    used = [p for p in run_dir.iterdir() if p.name != ".lock"]
+    if used and not overwrite:
+        raise FileExistsError(
+            f"run directory {run_dir} exists and is not empty (use --overwrite, or --resume to continue it)"
+        )
+    for p in used:
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+        elif p.name == "checkpoints":
+            shutil.rmtree(p)
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``."""
+def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``.
+
+    Args:
+        cfg: the run's configuration.
+        resume: continue the run in ``cfg.train.out`` from its newest readable checkpoint (the
+            method's saved selection is reused, nothing is re-estimated). The result is
+            bit-identical to an uninterrupted run on the same device and thread count.
+    """
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -215,11 +289,12 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     cfg.method = method.config
     torch.manual_seed(tc.seed)
 
-    # Model first (its input spec decides how images are resized and normalised), head resized
-    # once the classes are known.
+    # Model first (its input spec decides how images are resized and normalised); the head is
+    # replaced once the classes are known. Augmentation is applied here, per iteration, not in
+    # the dataset: that keeps it reproducible across resumes and loader workers.
     model, spec = create_model(cfg.backbone, num_classes=2)
     data = load_data(
-        cfg.data,
+        replace(cfg.data, augment="none"),
         image_size=spec.image_size,
         mean=spec.mean,
         std=spec.std,
@@ -232,8 +307,20 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     model.to(device)
     base_hash = hash_backbone(model)
 
-    run_dir = prepare_run_dir(tc.out, tc.overwrite)
-    env = environment()
+    run_dir = Path(tc.out)
+    if resume and not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"nothing to resume: {run_dir} has no config.json")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        if not resume:
+            prepare_run_dir(run_dir, tc.overwrite)
+        return _train_locked(
+            cfg, method, model, spec, data, classes, base_hash, device, run_dir, resume
+        )
+
+
+def _train_locked(cfg, method, model, spec, data, classes, base_hash, device, run_dir, resume):
+    tc = cfg.train
     resolved = {
         "backbone": to_dict(cfg.backbone),
         "data": to_dict(cfg.data),
@@ -242,61 +329,64 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "classes": classes,
         "input": to_dict(spec),
         "base_hash": base_hash,
-        "environment": env,
+        "environment": environment(),
     }
-    _write_json(run_dir / "config.json", resolved)
-    _write_json(run_dir / "split.json", data.split_record)
+    state = load_latest_checkpoint(run_dir) if resume else None
+    if resume:
+        saved = load_run_config(run_dir)
+        if saved.get("base_hash") != base_hash:
+            raise ValueError(
+                f"cannot resume {run_dir}: its base backbone weights differ from the loaded ones"
+            )
+    else:
+        _write_json(run_dir / "config.json", resolved)
+        _write_json(run_dir / "split.json", data.split_record)
+    start = int(state["iteration"]) if state else 0
     log_path = run_dir / "train_log.jsonl"
-    log_path.write_text("")
+    _truncate_log(log_path, start)
 
     def log_row(row: dict) -> None:
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     nw = cfg.data.num_workers
-    train_loader = make_loader(
-        data.train,
-        tc.batch_size,
-        seed=tc.seed,
-        shuffle=True,
-        num_workers=nw,
-        drop_last=len(data.train) > tc.batch_size,
-    )
-    val_loader = (
-        make_loader(data.val, tc.batch_size, seed=0, shuffle=False, num_workers=nw)
-        if data.val
-        else None
-    )
-    test_loader = (
-        make_loader(data.test, tc.batch_size, seed=0, shuffle=False, num_workers=nw)
-        if data.test
-        else None
-    )
+    val_loader = make_loader(data.val, tc.batch_size, num_workers=nw) if data.val else None
+    test_loader = make_loader(data.test, tc.batch_size, num_workers=nw) if data.test else None
 
     def importance_loader():
-        # One epoch of the training split in a fixed, seeded order; no augmentation randomness
-        # beyond the seed (the dataset's own flip uses the global RNG, reseeded here).
-        torch.manual_seed(tc.seed + 1)
+        # One epoch of the training split in a fixed, seeded order (no augmentation).
         return make_loader(
             data.train, tc.batch_size, seed=tc.seed + 1, shuffle=True, num_workers=nw
         )
 
     def fit_head(iterations: int) -> None:
-        _fit_head(model, train_loader, iterations, tc, device)
+        _fit_head(model, data.train, iterations, tc, cfg.data.augment, device)
 
+    # The method's data-driven choices (e.g. SH-PEFT's selection) are saved once and reused on
+    # resume, never re-estimated.
+    method_state_path = run_dir / "method_state.safetensors"
+    saved_state = (
+        load_file(str(method_state_path)) if resume and method_state_path.is_file() else None
+    )
     ctx = PrepareContext(
         importance_loader=importance_loader,
         fit_head=fit_head,
         device=device,
         run_dir=run_dir,
         progress=tc.progress,
+        saved_state=saved_state,
     )
     n_backbone = backbone_size(model)
     t0 = time.perf_counter()
     trainable = method.prepare(model, ctx)
     prepare_s = time.perf_counter() - t0
-    for name, art in ctx.artifacts.items():
-        _write_json(run_dir / f"{name}.json", art)
+    if saved_state is None:
+        atomic_save_safetensors(method.state(model), method_state_path)
+        for name, art in ctx.artifacts.items():
+            _write_json(run_dir / f"{name}.json", art)
+        # prepare may have settled data-driven settings (e.g. SPT's LoRA modules): record them
+        resolved["method"] = to_dict(method.config)
+        _write_json(run_dir / "config.json", resolved)
     counts = count_trainable(model, trainable, n_backbone)
     log.info(
         "%s: %d trainable backbone scalars (%.4f%% of %d) + %d head",
@@ -312,54 +402,98 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         {"params": [p for p in trainable if id(p) not in head_ids], "lr": tc.lr},
         {"params": [p for p in trainable if id(p) in head_ids], "lr": tc.head_lr or tc.lr},
     ]
-    groups = [g for g in groups if g["params"]]
-    opt = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    opt = torch.optim.SGD(
+        [g for g in groups if g["params"]],
+        lr=tc.lr,
+        momentum=tc.momentum,
+        weight_decay=tc.weight_decay,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
+    best: dict[str, Any] = {"macro_f1": -1.0, "iteration": None, "val": None}
+    best_state: list[torch.Tensor] | None = None
+    skipped = 0
+    if state is not None:
+        with torch.no_grad():
+            for p, v in zip(trainable, state["trainable"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        best = json.loads(state["best"])
+        best_state = state["best_state"]
+        skipped = int(state.get("skipped", 0))
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    def checkpoint(it: int) -> None:
+        save_checkpoint(
+            run_dir,
+            {
+                "iteration": it,
+                "trainable": [p.detach().cpu() for p in trainable],
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "best": json.dumps(best),
+                "best_state": best_state,
+                "skipped": skipped,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        )
 
     eval_every = tc.eval_every or max(1, tc.iterations // 10)
-    best = {"macro_f1": -1.0, "iteration": None}
-    best_state = None
-    torch.manual_seed(tc.seed)
-    batches = infinite(train_loader)
+    ckpt_every = tc.checkpoint_every or eval_every
+    sampler = IterationBatchSampler(len(data.train), tc.batch_size, tc.seed, start, tc.iterations)
+    loader = DataLoader(data.train, batch_sampler=sampler, num_workers=nw)
     model.train()
     t_start, seen = time.perf_counter(), 0
     bar = tqdm(
-        range(1, tc.iterations + 1),
+        zip(range(start + 1, tc.iterations + 1), loader, strict=False),
+        total=len(sampler),
+        initial=0,
         desc=f"train {method.name}",
         disable=not tc.progress,
         dynamic_ncols=True,
     )
-    for it in bar:
-        x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for it, (x, y) in bar:
+        x = augment_batch(x.to(device, non_blocking=True), cfg.data.augment, tc.seed, it)
+        y = y.to(device, non_blocking=True)
         loss = F.cross_entropy(model(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at iteration {it}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            # one reduction, one sync: any NaN/Inf gradient makes the sum non-finite
+            finite = bool(
+                torch.isfinite(sum(p.grad.float().sum() for p in trainable if p.grad is not None))
+            )
+        if finite:
+            opt.step()
+        elif tc.skip_nonfinite:
+            skipped += 1
+            log.warning("non-finite loss or gradient at iteration %d: batch skipped", it)
+        else:
+            raise FloatingPointError(
+                f"non-finite loss or gradient at iteration {it} (loss {loss.item()}); the last "
+                f"good checkpoint in {run_dir / 'checkpoints'} can be resumed with --resume, "
+                "or rerun with --skip-nonfinite or a lower --lr"
+            )
         sched.step()
         seen += x.shape[0]
         if it % 10 == 0 or it == tc.iterations:
             rate = seen / (time.perf_counter() - t_start)
-            bar.set_postfix(
-                loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}"
-            )
-            log_row(
-                {
-                    "iteration": it,
-                    "loss": loss.item(),
-                    "lr": sched.get_last_lr()[0],
-                    "img_per_s": rate,
-                }
-            )
+            lr = sched.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            log_row({"iteration": it, "loss": loss.item(), "lr": lr, "img_per_s": rate})
         if val_loader is not None and (it % eval_every == 0 or it == tc.iterations):
             m = evaluate(model, val_loader, classes, device)
             log_row({"iteration": it, "val": {k: m[k] for k in ("macro_f1", "accuracy", "auc")}})
             if m["macro_f1"] > best["macro_f1"]:
                 best = {"macro_f1": m["macro_f1"], "iteration": it, "val": m}
-                best_state = [p.detach().clone() for p in trainable]
+                best_state = [p.detach().cpu().clone() for p in trainable]
             model.train()
+        if it % ckpt_every == 0 or it == tc.iterations:
+            checkpoint(it)
     train_s = time.perf_counter() - t_start
     if best_state is not None:  # restore the best validation state before export and test
         with torch.no_grad():
@@ -386,6 +520,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "trainable": counts,
         "iterations": tc.iterations,
         "best_iteration": best["iteration"],
+        "resumed_from": start or None,
+        "skipped_batches": skipped,
         "prepare_s": prepare_s,
         "train_s": train_s,
         "delta_bytes": delta_path.stat().st_size,
@@ -404,18 +540,54 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     return metrics
 
 
-def _fit_head(model: nn.Module, loader, iterations: int, tc: TrainConfig, device) -> None:
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop log rows after ``iteration`` (written after the checkpoint a resume starts from)."""
+    if iteration == 0 or not path.is_file():
+        path.write_text("")
+        return
+    rows = [r for r in path.read_text().splitlines() if r.strip()]
+    keep = []
+    for r in rows:
+        try:
+            if json.loads(r).get("iteration", 0) <= iteration:
+                keep.append(r)
+        except json.JSONDecodeError:  # a row cut by the kill
+            continue
+    path.write_text("".join(r + "\n" for r in keep))
+
+
+def resume_run(run_dir: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
+    """Continue an interrupted run from its directory (``shpeft train --resume RUN``)."""
+    conf = load_run_config(run_dir)
+    cfg = RunConfig(
+        backbone=from_dict(BackboneConfig, conf["backbone"]),
+        data=from_dict(DataConfig, conf["data"]),
+        train=from_dict(TrainConfig, {**conf["train"], "out": str(run_dir), **overrides}),
+        method=method_from_config(conf).config,
+    )
+    return train(cfg, resume=True)
+
+
+def _fit_head(
+    model: nn.Module, dataset, iterations: int, tc: TrainConfig, augment: str, device
+) -> None:
     """A short linear probe (head only) used by ``--head-init probe`` before importance."""
     head = [p for n, p in model.named_parameters() if n.startswith("head.")]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         p.requires_grad_(n.startswith("head."))
     opt = torch.optim.SGD(head, lr=tc.head_lr or tc.lr, momentum=tc.momentum)
-    batches = infinite(loader)
+    # its own seed stream, so the main loop's batches do not depend on the probe
+    sampler = IterationBatchSampler(len(dataset), tc.batch_size, tc.seed + 7, 0, iterations)
     model.train()
-    for _ in tqdm(range(iterations), desc="head probe", disable=not tc.progress):
-        x, y = next(batches)
-        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+    for it, (x, y) in tqdm(
+        enumerate(DataLoader(dataset, batch_sampler=sampler), 1),
+        total=iterations,
+        desc="head probe",
+        disable=not tc.progress,
+    ):
+        x = augment_batch(x.to(device), augment, tc.seed + 7, it)
+        loss = F.cross_entropy(model(x), y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
