@@ -34,6 +34,8 @@ def train_args(model_dir, data, out, *extra):
         "--no-progress",
         "--importance-batches",
         "4",
+        # BreastMNIST's official split has one image in both train and test (the BUSI duplicate)
+        "--allow-leakage",
         *extra,
     ]
 
@@ -267,3 +269,29 @@ def test_delta_on_a_different_base_is_refused(shpeft_run, tmp_path, capsys):
     rc = main(["eval", "--run", str(other), "--data", str(data)])
     err = capsys.readouterr().err
     assert rc == 2 and "different base" in err and "Traceback" not in err
+
+
+def test_leakage_is_refused_before_anything_is_written(tmp_path, capsys, shared_data, vit_pico_dir):
+    out = tmp_path / "run"
+    data = shared_data / "breastmnist" / "breastmnist.npz"
+    rc = main(["train", "--model", str(vit_pico_dir), "--data", str(data), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "leak" in err.lower() and "--allow-leakage" in err
+    assert not out.exists()
+
+
+def test_data_check_finds_the_busi_duplicate(tmp_path, capsys, shared_data):
+    rc = main(
+        [
+            "data",
+            "check",
+            str(shared_data / "busi_256"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 1  # a label conflict is an error
+    assert "benign (433).png" in out and "malignant (145).png" in out
+    assert json.loads((tmp_path / "r.json").read_text())

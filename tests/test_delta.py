@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from shpeft.delta import Delta, DeltaError, apply_delta, revert_delta
+from shpeft.delta import Delta, DeltaError, apply_delta, content_hash, revert_delta
 from shpeft.methods.shpeft import Shpeft
 from tests.helpers import tiny_vit
 from tests.test_sparse import sparse_model, train_steps
@@ -112,9 +112,10 @@ def test_wrong_base_refused_and_model_untouched():
 )
 def test_malformed_files_rejected(tmp_path, tensors, meta, match):
     path = tmp_path / "bad.safetensors"
-    save_file(
-        tensors, str(path), metadata=meta or {"format": "shpeft-delta", "format_version": "1"}
-    )
+    # a well-formed checksum, so that the structural checks behind it are reached
+    meta = dict(meta or {"format": "shpeft-delta", "format_version": "1"}, shpeft="{}")
+    meta["sha256"] = content_hash(tensors, meta["shpeft"])
+    save_file(tensors, str(path), metadata=meta)
     with pytest.raises(DeltaError, match=match):
         Delta.load(path)
 
@@ -126,3 +127,13 @@ def test_garbage_file_rejected(tmp_path):
         Delta.load(path)
     with pytest.raises(FileNotFoundError):
         Delta.load(tmp_path / "missing.safetensors")
+
+
+def test_any_modified_byte_of_the_data_is_detected(tmp_path):
+    _, delta = trained_delta()
+    path = delta.save(tmp_path / "d.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01  # a bit of the last tensor's data: structurally valid, silently different
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DeltaError, match="checksum"):
+        Delta.load(path)

@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a run on a labelled dataset")
     p.add_argument("--run", required=True, help="run directory written by `shpeft train`")
     p.add_argument("--data", required=True, help="folder, CSV manifest or MedMNIST .npz")
-    p.add_argument("--data-format", default="auto", help="auto, imagefolder, csv, medmnist")
+    p.add_argument(
+        "--data-format", default="auto", help="auto or a layout name (see `shpeft train --help`)"
+    )
     p.add_argument(
         "--split",
         default="test",
@@ -117,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file")
 
     sub.add_parser("methods", help="list the available PEFT methods")
+
+    from shpeft.data import add_check_arguments
+
+    p = sub.add_parser("data", help="inspect a dataset before training")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    add_check_arguments(
+        data_sub.add_parser(
+            "check",
+            help="counts, sizes, unreadable files, duplicates, label conflicts, leakage, imbalance",
+        )
+    )
 
     p = sub.add_parser(
         "demo", help="offline miniature of the paper on real digits (a few minutes on CPU)"
@@ -275,6 +288,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from shpeft.data import run_check
+
+    return run_check(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from shpeft.demo import run_demo
 
@@ -296,6 +315,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "merge": cmd_merge,
     "methods": cmd_methods,
+    "data": cmd_data,
     "demo": cmd_demo,
 }
 

@@ -17,6 +17,7 @@ Files are read with safetensors only: nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -69,7 +70,9 @@ class Delta:
         """Write atomically (temporary file, fsync, rename): a crash never leaves half a delta."""
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
         meta["shpeft"] = json.dumps(self.meta, sort_keys=True)
-        return atomic_save_safetensors(self.tensors(), Path(path), meta)
+        tensors = self.tensors()
+        meta["sha256"] = content_hash(tensors, meta["shpeft"])
+        return atomic_save_safetensors(tensors, Path(path), meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Delta:
@@ -93,6 +96,10 @@ class Delta:
             raise DeltaError(
                 f"{path}: delta format version {raw_meta.get('format_version')!r} is not supported "
                 f"(this shpeft reads version {FORMAT_VERSION})"
+            )
+        if raw_meta.get("sha256") != content_hash(tensors, raw_meta.get("shpeft", "")):
+            raise DeltaError(
+                f"{path}: content checksum mismatch: the file is corrupted or was modified"
             )
         try:
             meta = json.loads(raw_meta.get("shpeft", "{}"))
@@ -158,6 +165,20 @@ class Delta:
                     f"delta tensor {name!r} has shape {tuple(t.shape)}, the model's is "
                     f"{tuple(params[name].shape)} (different number of classes?)"
                 )
+
+
+def content_hash(tensors: dict[str, Tensor], meta_json: str) -> str:
+    """SHA-256 over the method metadata and every tensor (name, dtype, shape, bytes).
+
+    safetensors checks the header's structure but not the data: a flipped bit in a value would
+    otherwise load as a silently different model.
+    """
+    h = hashlib.sha256(meta_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def atomic_save_safetensors(

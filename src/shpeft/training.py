@@ -33,7 +33,7 @@ from shpeft import __version__
 from shpeft.backbones import BackboneConfig, create_model, hash_backbone, make_head
 from shpeft.checkpoint import RunLock, load_latest_checkpoint, save_checkpoint
 from shpeft.config import from_dict, to_dict
-from shpeft.data import DataConfig, load_data
+from shpeft.data import DataConfig, check_leakage_cheap, load_data
 from shpeft.delta import atomic_save_safetensors
 from shpeft.evaluate import evaluate, format_metrics, save_confusion_matrix_png
 from shpeft.methods import Method, MethodConfig, PrepareContext, get_method
@@ -300,6 +300,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
         std=spec.std,
         interpolation=spec.interpolation,
     )
+    # Refuse train/test leakage (exact duplicates across splits) before anything is written.
+    check_leakage_cheap(data, allow_leakage=cfg.data.allow_leakage)
     classes = list(data.classes)
     torch.manual_seed(tc.seed)
     model.head = make_head(cfg.backbone.head, model.head.in_features, len(classes))

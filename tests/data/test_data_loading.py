@@ -310,10 +310,12 @@ def test_npz_errors(tmp_path: Path, make_npz) -> None:
 
 def test_normalisation_and_flip_only_on_train(tmp_path: Path, make_folder) -> None:
     root = tmp_path / "ds"
-    for cls in ("l", "r"):
+    for k, cls in enumerate(("l", "r")):
         for i in range(6):
             img = np.zeros((SIZE, SIZE, 3), np.uint8)
             img[:, : SIZE // 2] = 200  # bright left half: a flip is visible
+            # Distinct images: exact duplicates would be kept together in one split.
+            img[SIZE // 2, SIZE // 4] = 100 + 6 * k + i
             (root / cls).mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(root / cls / f"{i}.png")
     bundle = load(root, augment="flip")

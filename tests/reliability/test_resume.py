@@ -38,7 +38,7 @@ def run_config(
     tc.update(train_kw)
     return RunConfig(
         backbone=BackboneConfig(model=str(model_dir)),
-        data=DataConfig(data=str(data), augment="flip"),
+        data=DataConfig(data=str(data), augment="flip", allow_leakage=True),
         train=TrainConfig(**tc),
         method=ShpeftConfig(ratio=0.02, importance_batches=3) if method == "shpeft" else None,
     )
@@ -192,6 +192,7 @@ def test_sigkill_at_random_points_then_resume(reference, tmp_path, seed):
         "3",
         "--augment",
         "flip",
+        "--allow-leakage",
     ]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -104,6 +104,24 @@ class _ResizingDataset(Dataset):
                     bar.update()
         self._cache = cache
 
+    @property
+    def cache(self) -> torch.Tensor | None:
+        """The ``(N, 3, S, S)`` uint8 cache, or None when not built."""
+        return self._cache
+
+    def adopt_cache(self, cache: torch.Tensor) -> None:
+        """Use an already built cache (e.g. rows sliced from a larger dataset's cache).
+
+        Raises:
+            ValueError: ``cache`` is not ``(len(self), 3, S, S)`` uint8.
+        """
+        expected = (len(self), 3, self.image_size, self.image_size)
+        if cache.dtype != torch.uint8 or tuple(cache.shape) != expected:
+            raise ValueError(
+                f"cache must be uint8 {expected}, got {cache.dtype} {tuple(cache.shape)}"
+            )
+        self._cache = cache.contiguous()
+
     def drop_cache(self) -> None:
         """Free the cache; items are decoded on the fly again."""
         self._cache = None

@@ -11,7 +11,20 @@ How splits are made:
   of 0 gives None for that split.
 * ``split_file``: a ``split_record`` saved by an earlier run is replayed id for id instead.
 
-The ``split_record`` is JSON-serialisable and lists every sample id and label name per split.
+Seeded splits (and carved val sets) keep related samples together:
+
+* patients, where the layout gives patient ids (LIMUC, Kermany CXR/OCT file names): a
+  group-aware stratified split (:func:`~shpeft.data.splits.grouped_stratified_split`), kind
+  ``patient-grouped``;
+* exact duplicates: samples with identical content are never split apart (BUSI has
+  ``benign (433).png`` = ``malignant (145).png``). Content is compared by the resized cached
+  image when the bundle is cached (the cache is then built once over the whole pool and sliced),
+  by the image row for MedMNIST arrays, else by the file bytes. See ``split_record["grouping"]``.
+
+The ``split_record`` is JSON-serialisable and lists every sample id and label name per split,
+the format (e.g. ``busi``, ``cxr3``), the catalog ``layout`` (``flat`` / ``split``) and the
+``split_kind`` of every split: ``official``, ``seeded-stratified``, ``patient-grouped`` or
+``replayed``.
 """
 
 from __future__ import annotations
@@ -25,21 +38,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from .datasets import ArrayImageDataset, FileImageDataset, LabelledImageDataset
 from .io import DataError, is_hidden, is_image_file, is_mask_file
+from .leakage import array_key, dataset_keys, file_key
 from .sources import FORMATS, SPLITS, Catalog, read_catalog
-from .splits import stratified_split
+from .splits import grouped_stratified_split, keep_together, stratified_split
 from .transforms import AUGMENTATIONS, parse_interpolation
 
 __all__ = [
     "CACHE_AUTO_LIMIT_BYTES",
     "DataBundle",
     "DataConfig",
+    "SplitPlan",
     "list_images",
     "load_data",
     "load_eval_data",
+    "plan_split",
 ]
 
 # cache="auto" caches when all resized images of the bundle fit in this many bytes.
@@ -55,12 +72,18 @@ class DataConfig:
     data: str = field(
         metadata={
             "help": "data source: an ImageFolder directory (<class>/<img> or "
-            "<split>/<class>/<img>), a CSV manifest (path,label[,split]) or a MedMNIST .npz"
+            "<split>/<class>/<img>), a CSV manifest (path,label[,split]), a MedMNIST .npz or a "
+            "data set in its native layout (see --data-format)"
         }
     )
     data_format: str = field(
         default="auto",
-        metadata={"help": "source format: auto | imagefolder | csv | medmnist", "choices": FORMATS},
+        metadata={
+            "help": "source format: auto | imagefolder | csv | medmnist | busi | chaoyang | "
+            "covid-ct | cxr3 | oct | limuc (auto detects the native layouts by their folder and "
+            "file names, else imagefolder)",
+            "choices": FORMATS,
+        },
     )
     val_fraction: float = field(
         default=0.099,
@@ -104,6 +127,13 @@ class DataConfig:
             "choices": AUGMENTATIONS,
         },
     )
+    allow_leakage: bool = field(
+        default=False,
+        metadata={
+            "help": "train even if train shares exact duplicate images with val/test (checked "
+            "before training; e.g. an official split that contains them); default: refuse"
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -140,6 +170,8 @@ class DataConfig:
             problems.append(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
         if not isinstance(self.split_file, str | os.PathLike):
             problems.append(f"split_file must be a path or empty, got {self.split_file!r}")
+        if not isinstance(self.allow_leakage, bool):
+            problems.append(f"allow_leakage must be true or false, got {self.allow_leakage!r}")
         if problems:
             raise ValueError("invalid DataConfig: " + "; ".join(problems))
 
@@ -210,15 +242,40 @@ def load_data(
             "needs at least two"
         )
 
+    kwargs = dict(image_size=image_size, mean=mean, std=std, interpolation=interpolation)
+    # Every sample of the catalog is used unless a replayed record leaves some out, so the cache
+    # decision can be made before splitting (the pool cache below needs it).
+    n_total = sum(len(g) for g in catalog.groups.values())
+    use_cache = cfg.cache == "yes" or (
+        cfg.cache == "auto" and n_total * 3 * image_size * image_size < CACHE_AUTO_LIMIT_BYTES
+    )
+
+    pool_cache: tuple[str, torch.Tensor] | None = None
     if cfg.split_file:
         record = _read_record(cfg.split_file)
         selections, methods = _selections_from_record(catalog, record)
+        plan = SplitPlan(selections, methods, dict.fromkeys(selections, "replayed"), {})
     else:
-        selections, methods = _make_selections(catalog, cfg)
+        pool = _pool_of(catalog)
+        keys, by = None, None
+        if pool is not None:
+            keys, by, cache = _pool_keys(
+                catalog, pool, final_classes, use_cache, cfg.num_workers, kwargs
+            )
+            if cache is not None:
+                pool_cache = (pool, cache)
+        plan = plan_split(
+            catalog,
+            val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
+            seed=cfg.split_seed,
+            duplicate_keys=keys,
+            duplicates_by=by,
+        )
+    selections = plan.selections
 
     _check_train_classes(catalog, selections, final_classes)
 
-    kwargs = dict(image_size=image_size, mean=mean, std=std, interpolation=interpolation)
     datasets: dict[str, LabelledImageDataset | None] = {}
     for split in SPLITS:
         sel = selections.get(split)
@@ -227,15 +284,17 @@ def load_data(
             continue
         augment = cfg.augment if split == "train" else "none"
         datasets[split] = _build_dataset(catalog, sel, final_classes, augment=augment, **kwargs)
+        if pool_cache is not None and len(sel) == 1 and sel[0][0] == pool_cache[0]:
+            # Slice the pool's cache instead of decoding these images a second time.
+            datasets[split].adopt_cache(pool_cache[1][torch.from_numpy(sel[0][1])])  # type: ignore[union-attr]
+    pool_cache = None  # free the pool cache before building the others
 
-    built = [d for d in datasets.values() if d is not None]
-    total = sum(d.cache_nbytes() for d in built)
-    if cfg.cache == "yes" or (cfg.cache == "auto" and total < CACHE_AUTO_LIMIT_BYTES):
+    if use_cache:
         for split, d in datasets.items():
             if d is not None:
                 d.build_cache(num_threads=cfg.num_workers, desc=f"caching {split}")
 
-    record = _make_record(catalog, cfg, final_classes, datasets, methods)
+    record = _make_record(catalog, cfg, final_classes, datasets, plan)
     return DataBundle(
         train=datasets["train"],  # type: ignore[arg-type]
         val=datasets["val"],
@@ -259,18 +318,150 @@ def _labels_of(catalog: Catalog, group: str) -> np.ndarray:
     return np.array([index[c] for c in catalog.groups[group].labels], dtype=np.int64)
 
 
-def _make_selections(catalog: Catalog, cfg: DataConfig) -> tuple[dict[str, Selection], dict]:
+@dataclass
+class SplitPlan:
+    """How a catalog is split (see :func:`plan_split`).
+
+    Attributes:
+        selections: Per split, ``[(group key, row indices)]``.
+        methods: Per split, a sentence saying how it was made.
+        kinds: Per split: ``official``, ``seeded-stratified``, ``patient-grouped`` or
+            ``replayed``.
+        grouping: What was kept together (patients, exact duplicates), JSON-able.
+    """
+
+    selections: dict[str, Selection]
+    methods: dict[str, str]
+    kinds: dict[str, str]
+    grouping: dict[str, Any]
+
+
+def _pool_of(catalog: Catalog) -> str | None:
+    """The group a seeded split is made of: all samples, the official train (val carved from
+    it), or None (fully official split)."""
     if not catalog.has_official_split:
-        train, val, test = stratified_split(
-            _labels_of(catalog, "all"),
-            val_fraction=cfg.val_fraction,
-            test_fraction=cfg.test_fraction,
-            seed=cfg.split_seed,
+        return "all"
+    if "train" in catalog.groups and "val" not in catalog.groups:
+        return "train"
+    return None
+
+
+def _pool_keys(
+    catalog: Catalog,
+    pool: str,
+    classes: list[str],
+    use_cache: bool,
+    num_workers: int,
+    kwargs: dict[str, Any],
+) -> tuple[list[str], str, torch.Tensor | None]:
+    """Content key per pool sample (for keeping exact duplicates together), how it was made,
+    and the pool's cache when one was built for it."""
+    group = catalog.groups[pool]
+    if group.images is not None:
+        return [array_key(image) for image in group.images], "pixels", None
+    if use_cache:
+        ds = _build_dataset(catalog, [(pool, np.arange(len(group)))], classes, **kwargs)
+        ds.build_cache(num_threads=num_workers, desc="caching images")
+        return dataset_keys(ds, "resized pixels"), "resized pixels", ds.cache
+    return [file_key(p) for p in group.paths or []], "file bytes", None
+
+
+def _union_groups(patients: Sequence[str] | None, keys: Sequence[str] | None, n: int) -> list[str]:
+    """One group id per sample: patients, merged where exact duplicates link two of them."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    nodes = [f"p:{patients[i]}" if patients is not None else f"s:{i}" for i in range(n)]
+    if keys is not None:
+        for i, key in enumerate(keys):
+            a, b = find(nodes[i]), find(f"d:{key}")
+            if a != b:
+                parent[b] = a
+    return [find(x) for x in nodes]
+
+
+def _split_pool(
+    catalog: Catalog,
+    pool: str,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    keys: Sequence[str] | None,
+    by: str | None,
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], str, dict[str, Any]]:
+    group = catalog.groups[pool]
+    labels = _labels_of(catalog, pool)
+    grouping: dict[str, Any] = {"patients": None, "duplicates_by": by}
+    if keys is not None:
+        counts: dict[str, int] = {}
+        for key in keys:
+            counts[key] = counts.get(key, 0) + 1
+        dup_groups = [n for n in counts.values() if n > 1]
+        grouping["duplicate_groups"] = len(dup_groups)
+        grouping["duplicate_samples"] = sum(dup_groups)
+        if not dup_groups:
+            keys = None  # nothing to keep together
+    fractions = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    if group.patients is not None:
+        ids = _union_groups(group.patients, keys, len(group))
+        parts = grouped_stratified_split(labels, ids, **fractions)
+        grouping["patients"] = len(set(group.patients))
+        return parts, "patient-grouped", grouping
+    parts = stratified_split(labels, **fractions)
+    if keys is not None:
+        parts, moved = keep_together(*parts, keys)
+        grouping["moved_to_keep_duplicates_together"] = moved
+    return parts, "seeded-stratified", grouping
+
+
+def plan_split(
+    catalog: Catalog,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    duplicate_keys: Sequence[str] | None = None,
+    duplicates_by: str | None = None,
+) -> SplitPlan:
+    """Decide the train/val/test split of a catalog (official, or seeded as documented above).
+
+    Args:
+        catalog: The source's samples.
+        val_fraction: Val fraction (of all samples; of train when carving val from train).
+        test_fraction: Test fraction when the source has no official split.
+        seed: Seed of the seeded part.
+        duplicate_keys: Optional content key per sample of the pool that is split (all samples,
+            or the official train when val is carved); equal keys stay in one split.
+        duplicates_by: How the keys were made (recorded).
+
+    Raises:
+        DataError: An official split without train.
+    """
+    pool = _pool_of(catalog)
+    if pool == "all":
+        (train, val, test), kind, grouping = _split_pool(
+            catalog,
+            "all",
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            keys=duplicate_keys,
+            by=duplicates_by,
         )
-        how = "seeded stratified split of all samples"
-        return (
-            {"train": [("all", train)], "val": [("all", val)], "test": [("all", test)]},
-            {"train": how, "val": how, "test": how},
+        how = (
+            "seeded stratified split of all samples, grouped by patient"
+            if kind == "patient-grouped"
+            else "seeded stratified split of all samples"
+        )
+        selections = {"train": [("all", train)], "val": [("all", val)], "test": [("all", test)]}
+        return SplitPlan(
+            selections, dict.fromkeys(SPLITS, how), dict.fromkeys(SPLITS, kind), grouping
         )
     if "train" not in catalog.groups:
         raise DataError(
@@ -279,26 +470,33 @@ def _make_selections(catalog: Catalog, cfg: DataConfig) -> tuple[dict[str, Selec
         )
     selections: dict[str, Selection] = {}
     methods: dict[str, str] = {}
-    n_train = len(catalog.groups["train"])
-    if "val" in catalog.groups:
-        selections["train"] = [("train", np.arange(n_train))]
+    kinds: dict[str, str] = {}
+    grouping: dict[str, Any] = {}
+    if pool is None:
+        selections["train"] = [("train", np.arange(len(catalog.groups["train"])))]
         selections["val"] = [("val", np.arange(len(catalog.groups["val"])))]
         methods["train"] = methods["val"] = "official"
+        kinds["train"] = kinds["val"] = "official"
     else:
-        train, val, _ = stratified_split(
-            _labels_of(catalog, "train"),
-            val_fraction=cfg.val_fraction,
+        (train, val, _), kind, grouping = _split_pool(
+            catalog,
+            "train",
+            val_fraction=val_fraction,
             test_fraction=0.0,
-            seed=cfg.split_seed,
+            seed=seed,
+            keys=duplicate_keys,
+            by=duplicates_by,
         )
         selections["train"] = [("train", train)]
         selections["val"] = [("train", val)]
         methods["train"] = "official, minus the carved val"
-        methods["val"] = "seeded stratified carve of val_fraction of the official train"
+        methods["val"] = f"seeded stratified carve of val_fraction of the official train ({kind})"
+        kinds["train"] = "official"
+        kinds["val"] = kind
     if "test" in catalog.groups:
         selections["test"] = [("test", np.arange(len(catalog.groups["test"])))]
-        methods["test"] = "official"
-    return selections, methods
+        methods["test"] = kinds["test"] = "official"
+    return SplitPlan(selections, methods, kinds, grouping)
 
 
 def _resolve_classes(catalog: Catalog, classes: Sequence[str] | None) -> list[str]:
@@ -379,7 +577,7 @@ def _make_record(
     cfg: DataConfig,
     classes: list[str],
     datasets: dict[str, LabelledImageDataset | None],
-    methods: dict[str, str],
+    plan: SplitPlan,
 ) -> dict:
     splits: dict[str, dict] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -399,7 +597,11 @@ def _make_record(
         "val_fraction": cfg.val_fraction,
         "test_fraction": cfg.test_fraction,
         "split_file": str(cfg.split_file) if cfg.split_file else None,
-        "methods": {s: methods[s] for s in splits},
+        "methods": {s: plan.methods[s] for s in splits},
+        "split_kind": {s: plan.kinds[s] for s in splits},
+        "grouping": plan.grouping,
+        "notes": list(catalog.notes),
+        "allow_leakage": bool(cfg.allow_leakage),
         "classes": list(classes),
         "skipped": dict(catalog.skipped),
         "sizes": {s: len(v["ids"]) for s, v in splits.items()},

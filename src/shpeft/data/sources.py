@@ -15,7 +15,10 @@ Layouts:
 * CSV manifest: header with ``path`` and ``label`` and optionally ``split`` (other columns are
   ignored); relative paths resolve against the CSV's folder. Labels that are all integers are
   sorted numerically (class names are their decimal strings), otherwise sorted as strings.
-* MedMNIST ``.npz``: keys ``{train,val,test}_images`` / ``_labels``; class names from an optional
+* Native layouts of the paper's data sets (``busi``, ``chaoyang``, ``covid-ct``, ``cxr3``,
+  ``oct``, ``limuc``): read by :mod:`shpeft.data.layouts`, detected in ``auto`` mode by their
+  folder and file names.
+* MedMNIST ``.npz`` (any 2D set, any size: 28/64/128/224, gray or RGB): keys ``{train,val,test}_images`` / ``_labels``; class names from an optional
   ``class_names`` string array in the file, else from the MedMNIST INFO table when the file name
   starts with a known flag (``breastmnist...``), else ``"0"``, ``"1"``, ...
 """
@@ -33,7 +36,9 @@ import numpy as np
 from .io import DataError, is_hidden, is_image_file, is_mask_file
 
 __all__ = [
+    "FORMATS",
     "MEDMNIST_CLASSES",
+    "NATIVE_FORMATS",
     "SPLIT_NAMES",
     "Catalog",
     "Group",
@@ -41,7 +46,9 @@ __all__ = [
     "read_catalog",
 ]
 
-FORMATS = ("auto", "imagefolder", "csv", "medmnist")
+# Native layouts of the paper's data sets (read in .layouts) come after the generic formats.
+NATIVE_FORMATS = ("busi", "chaoyang", "covid-ct", "cxr3", "oct", "limuc")
+FORMATS = ("auto", "imagefolder", "csv", "medmnist", *NATIVE_FORMATS)
 SPLITS = ("train", "val", "test")
 # Accepted spellings of split names (folders and the CSV `split` column), case-insensitive.
 SPLIT_NAMES = {
@@ -142,6 +149,8 @@ class Group:
         paths: File per sample (folders, CSV), else None.
         images: ``(N, H, W)`` / ``(N, H, W, 3)`` uint8 array (npz), else None.
         origin: Where the samples come from, for error messages (a folder or file).
+        patients: Patient (or acquisition) id per sample when the layout provides one (LIMUC,
+            Kermany CXR/OCT file names); seeded splits then keep each patient in one split.
     """
 
     ids: list[str]
@@ -149,6 +158,7 @@ class Group:
     paths: list[str] | None = None
     images: np.ndarray | None = None
     origin: str = ""
+    patients: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -164,6 +174,7 @@ class Catalog:
     groups: dict[str, Group]
     classes: list[str]
     skipped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def has_official_split(self) -> bool:
@@ -172,7 +183,13 @@ class Catalog:
 
 
 def detect_format(path: str | os.PathLike[str], data_format: str = "auto") -> str:
-    """Resolve ``"auto"`` to ``imagefolder`` (a folder), ``csv`` or ``medmnist`` (``.npz``)."""
+    """Resolve ``"auto"`` to a format name.
+
+    A folder is one of the native layouts when its structure says so unambiguously (see
+    :func:`shpeft.data.layouts.detect_layout`: ``train.json`` -> chaoyang, ``Data-split/`` ->
+    covid-ct, ``Dataset_BUSI_with_GT`` -> busi, ``chest_xray`` -> cxr3, ``OCT2017`` -> oct,
+    ``Mayo 0`` -> limuc), else ``imagefolder``; a ``.csv`` is ``csv``, a ``.npz`` ``medmnist``.
+    """
     if data_format not in FORMATS:
         raise ValueError(f"data_format must be one of {FORMATS}, got {data_format!r}")
     path = Path(path)
@@ -181,7 +198,9 @@ def detect_format(path: str | os.PathLike[str], data_format: str = "auto") -> st
     if data_format != "auto":
         return data_format
     if path.is_dir():
-        return "imagefolder"
+        from .layouts import detect_layout  # lazy: layouts imports this module
+
+        return detect_layout(path) or "imagefolder"
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return "csv"
@@ -198,12 +217,17 @@ def read_catalog(path: str | os.PathLike[str], data_format: str = "auto") -> Cat
 
     Args:
         path: A folder, a ``.csv`` manifest or a MedMNIST ``.npz``.
-        data_format: ``auto``, ``imagefolder``, ``csv`` or ``medmnist``.
+        data_format: ``auto``, ``imagefolder``, ``csv``, ``medmnist`` or a native layout
+            (``busi``, ``chaoyang``, ``covid-ct``, ``cxr3``, ``oct``, ``limuc``).
 
     Raises:
         DataError: Missing source, unknown layout, empty or inconsistent content.
     """
     fmt = detect_format(path, data_format)
+    if fmt in NATIVE_FORMATS:
+        from .layouts import read_layout
+
+        return read_layout(Path(path), fmt)
     reader = {"imagefolder": _read_imagefolder, "csv": _read_csv, "medmnist": _read_npz}[fmt]
     return reader(Path(path))
 
