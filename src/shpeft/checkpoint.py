@@ -76,6 +76,9 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], *, keep: int = 2) -> P
 
 def load_latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     """The newest checkpoint that loads; corrupt ones are reported and skipped."""
+    # temporary files of writes cut short by a crash are never valid checkpoints
+    for tmp in (run_dir / "checkpoints").glob(".ckpt_*.tmp"):
+        tmp.unlink(missing_ok=True)
     for path in checkpoint_paths(run_dir):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

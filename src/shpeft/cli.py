@@ -22,6 +22,7 @@ log = logging.getLogger("shpeft")
 # Errors a user can cause; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
+    OSError,  # disk full, permissions, missing files: the message names the problem
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,

@@ -160,6 +160,10 @@ class Delta:
         for name, t in self.dense.items():
             if name not in params:
                 raise DeltaError(f"delta names {name!r}, which the model does not have")
+            if t.dtype != params[name].dtype:
+                raise DeltaError(
+                    f"delta tensor {name!r} is {t.dtype}, the model's is {params[name].dtype}"
+                )
             if tuple(t.shape) != tuple(params[name].shape):
                 raise DeltaError(
                     f"delta tensor {name!r} has shape {tuple(t.shape)}, the model's is "

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from shpeft import __version__
 from shpeft.backbones import BackboneConfig, create_model, hash_backbone, make_head
-from shpeft.checkpoint import RunLock, load_latest_checkpoint, save_checkpoint
+from shpeft.checkpoint import RunLock, checkpoint_paths, load_latest_checkpoint, save_checkpoint
 from shpeft.config import from_dict, to_dict
 from shpeft.data import DataConfig, check_leakage_cheap, load_data
 from shpeft.delta import atomic_save_safetensors
@@ -312,13 +312,22 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     run_dir = Path(tc.out)
     if resume and not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"nothing to resume: {run_dir} has no config.json")
+    fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
         if not resume:
             prepare_run_dir(run_dir, tc.overwrite)
-        return _train_locked(
-            cfg, method, model, spec, data, classes, base_hash, device, run_dir, resume
-        )
+        try:
+            return _train_locked(
+                cfg, method, model, spec, data, classes, base_hash, device, run_dir, resume
+            )
+        except BaseException:
+            # A run that failed before writing anything resumable (e.g. a method's settings do
+            # not fit the model) leaves no half-made directory behind.
+            resumable = checkpoint_paths(run_dir) or (run_dir / "method_state.safetensors").exists()
+            if fresh and not resume and not resumable:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
 
 
 def _train_locked(cfg, method, model, spec, data, classes, base_hash, device, run_dir, resume):
