@@ -1,4 +1,4 @@
-"""Command line: ``shpeft train | eval | predict | merge | methods | demo``.
+"""Command line: ``shpeft train | eval | predict | merge | methods | data check | bench | analyze | demo``.
 
 Flags of ``train`` are generated from the config dataclasses (one place for names, types,
 defaults and help). ``main(argv)`` is callable from tests with a list of flags.
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_train_parser(sub)
+    from shpeft.analysis import add_subcommands
+
+    add_subcommands(sub, COMMANDS)  # bench, analyze {sparsity,hybridity,locations}
 
     p = sub.add_parser("eval", help="evaluate a run on a labelled dataset")
     p.add_argument("--run", required=True, help="run directory written by `shpeft train`")

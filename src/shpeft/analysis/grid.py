@@ -1,0 +1,847 @@
+"""The benchmark grid: methods x datasets x seeds x budgets from one JSON file, resumable, parallel.
+
+Reproduces the protocol of the SH-PEFT paper's Table 1, Table 4/5 and Fig. 4 (Liu, Xu, Liu,
+Zhang 2024) with every method trained by the same loop (:func:`shpeft.training.train`), plus the
+fairness step the paper does not take: every method gets the same small learning-rate search on
+the validation split, and the paper's single shared setting is run as well.
+
+A grid config is JSON::
+
+    {"name": "cpu_grid", "protocol": "cpu", "note": "...",
+     "backbone": {BackboneConfig fields},
+     "datasets": {"busi": {DataConfig fields, "paper_name": "BUSI", "note": "..."}, ...},
+     "methods": ["full", "linear", ..., {"name": "shpeft-l1", "method": "shpeft",
+                                         "config": {"strategy": "l1"}}],
+     "method_config": {"shpeft": {"ratio": 0.01}},
+     "seeds": [0, 1, 2],
+     "budgets": {"shpeft": [0.0001, 0.001, 0.01, 0.1], "lora": [1, 4, 16]},
+     "budget_seeds": [0],
+     "train": {TrainConfig fields},
+     "lr_search": {"lrs": [0.001, 0.01, 0.03], "iterations": 400, "seed": 0,
+                   "methods": null},
+     "shared_lr": 0.001,
+     "protocols": {"paper": {overlay applied by --protocol paper}}}
+
+Relative paths (``data``, ``split_file``, ``model``, ``weights``) are resolved against the
+config file's folder when that path exists there, else left as written (a timm model name, or a
+placeholder the user edits).
+
+Stages, each a list of runs:
+
+1. ``search``: for each (dataset, method) and each lr of ``lr_search.lrs``: one run on
+   ``lr_search.seed`` for ``lr_search.iterations``. The lr with the best **validation** macro F1
+   is chosen (the test split is never read for it); choices go to ``lr_choice_<name>.json``.
+   ``lr_search.methods`` limits the search to some variants; another variant of the same method
+   (an ablation) then uses their choice.
+2. ``final``: every (dataset, method, seed) at its chosen lr (the "tuned" setting). When the
+   search uses the final iterations and a final seed, its runs are reused, not repeated.
+3. ``shared``: every (dataset, method, seed) at ``shared_lr`` (the paper's one setting).
+4. ``budgets``: for each method in ``budgets``, every budget value and seed (``budget_seeds``,
+   default ``seeds``) at the tuned lr (Fig. 4).
+
+A run is identified by (dataset, method, budget, lr, iterations, seed) and lives in
+``OUT/runs/<dataset>/<method>@<budget>/lr<lr>-it<iterations>-s<seed>/``: a normal run directory
+plus ``result.json``. A run with ``result.json`` is finished and skipped; one with checkpoints is
+resumed (:func:`shpeft.training.resume_run`); anything else is started afresh. Parallel workers
+(and separate invocations) claim runs through an exclusive lock in ``OUT/.claims``, held from
+before training until ``result.json`` is written, so a run is never trained twice at once, and a
+run claimed elsewhere is waited for, not repeated.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import resource
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("shpeft")
+
+STAGES = ("search", "final", "shared", "budgets")
+
+#: The budget field of each method with a size knob (Fig. 4's x axis).
+BUDGET_FIELDS: dict[str, str] = {
+    "shpeft": "ratio",
+    "lora": "lora_rank",
+    "adapter": "adapter_dim",
+    "vpt-deep": "vpt_tokens",
+    "vpt-shallow": "vpt_tokens",
+    "spt-lora": "spt_budget",
+}
+
+#: ``--protocol paper``: the paper's recipe (CLIP ViT-B/16 at its native 224 px, 40k iterations,
+#: batch 64, SGD lr 1e-3 cosine) when the config file does not define its own overlay.
+DEFAULT_PAPER_OVERLAY: dict[str, Any] = {
+    "backbone": {"image_size": None},
+    "train": {
+        "iterations": 40000,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "schedule": "cosine",
+        "warmup_iterations": 0,
+        "eval_every": 0,
+    },
+    "shared_lr": 1e-3,
+    "lr_search": {"iterations": 4000},
+}
+
+_PATH_KEYS = ("data", "split_file", "model", "weights")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of the tables: a registered method with fixed settings (e.g. SH-PEFT with L1)."""
+
+    name: str
+    method: str
+    config: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class LrSearch:
+    """The same learning-rate search for every method, on the validation split."""
+
+    lrs: tuple[float, ...]
+    iterations: int
+    seed: int = 0
+    methods: tuple[str, ...] | None = None
+    """Variants searched (default: all); another variant of the same method reuses its choice."""
+
+
+@dataclass
+class GridConfig:
+    """A parsed grid config (see the module docstring for the JSON layout)."""
+
+    name: str
+    backbone: dict[str, Any]
+    datasets: dict[str, dict[str, Any]]
+    methods: list[Variant]
+    seeds: list[int]
+    train: dict[str, Any]
+    budgets: dict[str, list[float]] = field(default_factory=dict)
+    budget_seeds: list[int] | None = None
+    lr_search: LrSearch | None = None
+    shared_lr: float | None = None
+    protocol: str = "cpu"
+    note: str = ""
+    dataset_info: dict[str, dict[str, str]] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def iterations(self) -> int:
+        return int(self.train.get("iterations", 40000))
+
+    @property
+    def default_lr(self) -> float:
+        return float(self.train.get("lr", 1e-3))
+
+    def lr_source(self, name: str) -> str | None:
+        """The searched variant whose chosen lr ``name`` uses (None: the fixed ``train.lr``)."""
+        if self.lr_search is None:
+            return None
+        searched = self.lr_search.methods or tuple(v.name for v in self.methods)
+        if name in searched:
+            return name
+        method = self.variant(name).method
+        return next((n for n in searched if self.variant(n).method == method), None)
+
+    def variant(self, name: str) -> Variant:
+        for v in self.methods:
+            if v.name == name:
+                return v
+        raise KeyError(f"grid {self.name!r} has no method {name!r}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the grid."""
+
+    dataset: str
+    variant: str
+    method: str
+    lr: float
+    seed: int
+    iterations: int
+    budget_field: str | None = None
+    budget: float | None = None
+
+    @property
+    def run_id(self) -> str:
+        tag = self.variant if self.budget is None else f"{self.variant}@{_fmt(self.budget)}"
+        return f"{self.dataset}/{tag}/lr{_fmt(self.lr)}-it{self.iterations}-s{self.seed}"
+
+    def run_dir(self, out: Path) -> Path:
+        return Path(out) / "runs" / self.run_id
+
+    def claim_dir(self, out: Path) -> Path:
+        return Path(out) / ".claims" / self.run_id.replace("/", "__")
+
+
+def _fmt(x: float) -> str:
+    """Short, stable number text for run ids (1e-3 -> 0.001, 4.0 -> 4)."""
+    return f"{float(x):g}" if not float(x).is_integer() else str(int(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config parsing
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overlay`` merged in recursively (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _resolve_paths(section: dict[str, Any], root: Path | None) -> dict[str, Any]:
+    out = dict(section)
+    if root is None:
+        return out
+    for key in _PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            candidate = (root / value).resolve()
+            if candidate.exists():
+                out[key] = str(candidate)
+    return out
+
+
+def _check_keys(section: Any, cls: type, where: str, extra: tuple[str, ...] = ()) -> None:
+    """Unknown keys are typos (``lr_rate``, ``batchsize``): refuse them instead of ignoring."""
+    import dataclasses
+
+    if not isinstance(section, dict):
+        raise ValueError(f"{where} must be an object, got {section!r}")
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
+
+
+def parse_grid(raw: dict[str, Any], *, root: Path | None = None, protocol: str | None = None):
+    """Validate a grid config dict and return a :class:`GridConfig`.
+
+    Args:
+        raw: the JSON object.
+        root: folder against which relative paths are resolved (the config file's folder).
+        protocol: apply ``raw["protocols"][protocol]`` (or the built-in paper overlay for
+            ``"paper"``) before parsing; None keeps the file's own protocol.
+
+    Raises:
+        ValueError: naming the first problem found (unknown method, bad budget, empty lists...).
+    """
+    from shpeft.backbones import BackboneConfig
+    from shpeft.data import DataConfig
+    from shpeft.methods import METHODS, get_method
+    from shpeft.training import TrainConfig
+
+    if not isinstance(raw, dict):
+        raise ValueError("a grid config must be a JSON object")
+    if protocol is not None and protocol != raw.get("protocol"):
+        overlays = raw.get("protocols") or {}
+        if protocol in overlays:
+            raw = deep_merge(raw, overlays[protocol])
+        elif protocol == "paper":
+            raw = deep_merge(raw, DEFAULT_PAPER_OVERLAY)
+        else:
+            raise ValueError(
+                f"protocol {protocol!r} is not defined in the config's 'protocols' "
+                f"(defined: {', '.join(overlays) or 'none'}; built in: paper)"
+            )
+        raw["protocol"] = protocol
+    missing = [k for k in ("name", "backbone", "datasets", "methods", "seeds") if k not in raw]
+    if missing:
+        raise ValueError(f"grid config lacks {', '.join(missing)}")
+    datasets: dict[str, dict[str, Any]] = {}
+    info: dict[str, dict[str, str]] = {}
+    if not isinstance(raw["datasets"], dict) or not raw["datasets"]:
+        raise ValueError("'datasets' must be a non-empty object {name: DataConfig fields}")
+    for name, section in raw["datasets"].items():
+        if not isinstance(section, dict) or "data" not in section:
+            raise ValueError(f"dataset {name!r} needs at least a 'data' path")
+        _check_keys(section, DataConfig, f"dataset {name!r}", ("paper_name", "note"))
+        section = dict(section)
+        info[name] = {k: str(section.pop(k)) for k in ("paper_name", "note") if k in section}
+        datasets[name] = _resolve_paths(section, root)
+    variants: list[Variant] = []
+    overrides = raw.get("method_config") or {}
+    for entry in raw["methods"]:
+        if isinstance(entry, str):
+            entry = {"name": entry, "method": entry}
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise ValueError(
+                f"a method entry must be a name or {{name, method, config}}: {entry!r}"
+            )
+        method = entry["method"]
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
+        config = {**overrides.get(method, {}), **entry.get("config", {})}
+        _check_keys(config, get_method(method).config_cls, f"method {entry.get('name', method)!r}")
+        get_method(method).config_cls(**config)  # fail now, not an hour into the grid
+        variants.append(Variant(entry.get("name", method), method, config))
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique, got {names}")
+    seeds = [int(s) for s in raw["seeds"]]
+    if not seeds:
+        raise ValueError("'seeds' must list at least one seed")
+    budgets = {}
+    for name, values in (raw.get("budgets") or {}).items():
+        variant = next((v for v in variants if v.name == name or v.method == name), None)
+        if variant is None:
+            raise ValueError(f"budgets name {name!r}, which is not among the grid's methods")
+        if variant.method not in BUDGET_FIELDS:
+            raise ValueError(f"method {variant.method!r} has no budget knob")
+        for value in values:  # each value must make a valid method config
+            get_method(variant.method).config_cls(
+                **{**variant.config, BUDGET_FIELDS[variant.method]: value}
+            )
+        budgets[variant.name] = list(values)
+    search = None
+    if raw.get("lr_search"):
+        s = raw["lr_search"]
+        lrs = tuple(float(x) for x in s.get("lrs", ()))
+        if not lrs or any(not (x > 0 and math.isfinite(x)) for x in lrs):
+            raise ValueError(f"lr_search.lrs must be positive numbers, got {s.get('lrs')!r}")
+        iters = int(s.get("iterations", raw.get("train", {}).get("iterations", 40000)))
+        searched = s.get("methods")
+        if searched is not None:
+            unknown = sorted(set(searched) - set(names))
+            if unknown or not searched:
+                raise ValueError(f"lr_search.methods must name grid methods, got {searched!r}")
+            searched = tuple(searched)
+        search = LrSearch(lrs, iters, int(s.get("seed", 0)), searched)
+    train = dict(raw.get("train") or {})
+    _check_keys(train, TrainConfig, "train")
+    _check_keys(raw["backbone"], BackboneConfig, "backbone")
+    TrainConfig(**{k: v for k, v in train.items() if k != "out"})  # validate early
+    shared = raw.get("shared_lr")
+    budget_seeds = raw.get("budget_seeds")
+    return GridConfig(
+        name=str(raw["name"]),
+        backbone=_resolve_paths(raw["backbone"], root),
+        datasets=datasets,
+        methods=variants,
+        seeds=seeds,
+        train=train,
+        budgets=budgets,
+        budget_seeds=[int(x) for x in budget_seeds] if budget_seeds is not None else None,
+        lr_search=search,
+        shared_lr=float(shared) if shared is not None else None,
+        protocol=str(raw.get("protocol", "cpu")),
+        note=str(raw.get("note", "")),
+        dataset_info=info,
+        raw=raw,
+    )
+
+
+def load_grid(path: str | os.PathLike, protocol: str | None = None) -> GridConfig:
+    """Read and parse a grid config file (relative paths resolved against its folder)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"grid config not found: {p}")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"grid config {p} is not valid JSON: {e}") from e
+    return parse_grid(raw, root=p.resolve().parent, protocol=protocol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def default_budget(variant: Variant) -> tuple[str | None, float | None]:
+    """(budget field, value) a variant runs with in Table 1 (its config, else the default)."""
+    from shpeft.methods import get_method
+
+    fname = BUDGET_FIELDS.get(variant.method)
+    if fname is None:
+        return None, None
+    return fname, getattr(get_method(variant.method).config_cls(**variant.config), fname)
+
+
+def _spec(grid, variant: Variant, dataset: str, lr: float, seed: int, iters: int, budget=None):
+    fname, value = default_budget(variant)
+    if budget is not None:
+        value = budget
+    return RunSpec(dataset, variant.name, variant.method, float(lr), seed, iters, fname, value)
+
+
+def search_specs(grid: GridConfig) -> list[RunSpec]:
+    """Stage 1: every (dataset, method, lr) on the search seed, at the default budget."""
+    if grid.lr_search is None:
+        return []
+    s = grid.lr_search
+    return [
+        _spec(grid, v, ds, lr, s.seed, s.iterations)
+        for ds in grid.datasets
+        for v in grid.methods
+        if grid.lr_source(v.name) == v.name
+        for lr in s.lrs
+    ]
+
+
+def run_lr(grid: GridConfig, choices: dict[tuple[str, str], float], ds: str, name: str):
+    """The lr of a (dataset, method) in the tuned setting; None while its search is unfinished."""
+    src = grid.lr_source(name)
+    return grid.default_lr if src is None else choices.get((ds, src))
+
+
+def final_specs(grid: GridConfig, choices: dict[tuple[str, str], float]) -> list[RunSpec]:
+    """Stage 2 (tuned setting): every (dataset, method, seed) at its chosen lr.
+
+    Without an lr search every method uses ``train.lr``. (dataset, method) pairs whose choice is
+    not known yet (search unfinished) are left out.
+    """
+    out = []
+    for ds in grid.datasets:
+        for v in grid.methods:
+            lr = run_lr(grid, choices, ds, v.name)
+            if lr is None:
+                continue
+            out += [_spec(grid, v, ds, lr, seed, grid.iterations) for seed in grid.seeds]
+    return out
+
+
+def shared_specs(grid: GridConfig) -> list[RunSpec]:
+    """Stage 3: the paper's single shared lr for every method (empty without ``shared_lr``)."""
+    if grid.shared_lr is None:
+        return []
+    return [
+        _spec(grid, v, ds, grid.shared_lr, seed, grid.iterations)
+        for ds in grid.datasets
+        for v in grid.methods
+        for seed in grid.seeds
+    ]
+
+
+def budget_specs(grid: GridConfig, choices: dict[tuple[str, str], float]) -> list[RunSpec]:
+    """Stage 4 (Fig. 4): every budget value of every budgeted method, at its tuned lr."""
+    out = []
+    for name, values in grid.budgets.items():
+        v = grid.variant(name)
+        for ds in grid.datasets:
+            lr = run_lr(grid, choices, ds, name)
+            if lr is None:
+                continue
+            for value in values:
+                out += [
+                    _spec(grid, v, ds, lr, seed, grid.iterations, budget=value)
+                    for seed in (grid.budget_seeds or grid.seeds)
+                ]
+    return out
+
+
+def unique(specs: Iterable[RunSpec]) -> list[RunSpec]:
+    """Specs without repeats (stages share runs, e.g. the search seed's run at the chosen lr)."""
+    seen: dict[str, RunSpec] = {}
+    for s in specs:
+        seen.setdefault(s.run_id, s)
+    return list(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate selection (validation only)
+
+
+def validation_f1(result: dict[str, Any] | None) -> float | None:
+    """Validation macro F1 of a finished run's ``result.json`` (None when failed / missing)."""
+    if not result:
+        return None
+    val = (result.get("metrics") or {}).get("val") or {}
+    f1 = val.get("macro_f1")
+    return float(f1) if f1 is not None and math.isfinite(float(f1)) else None
+
+
+def select_lr(candidates: Sequence[tuple[float, dict[str, Any] | None]]) -> float | None:
+    """The lr whose run has the best **validation** macro F1; ties go to the earlier candidate.
+
+    Only ``result["metrics"]["val"]`` is read: the test metrics of search runs never influence
+    the choice. Failed runs (None, or no validation metrics) are never chosen.
+    """
+    best_lr, best = None, -math.inf
+    for lr, result in candidates:
+        f1 = validation_f1(result)
+        if f1 is not None and f1 > best:
+            best_lr, best = lr, f1
+    return best_lr
+
+
+def read_result(out: Path, spec: RunSpec) -> dict[str, Any] | None:
+    path = spec.run_dir(out) / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def lr_choices(grid: GridConfig, out: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per (dataset, method): the candidates' validation F1 and the chosen lr (None: pending)."""
+    if grid.lr_search is None:
+        return {}
+    table: dict[tuple[str, str], dict[str, Any]] = {}
+    for spec in search_specs(grid):
+        entry = table.setdefault(
+            (spec.dataset, spec.variant), {"candidates": [], "chosen": None, "complete": True}
+        )
+        result = read_result(out, spec)
+        if result is None and not _failed(out, spec):
+            entry["complete"] = False
+        entry["candidates"].append(
+            {"lr": spec.lr, "val_macro_f1": validation_f1(result), "run_id": spec.run_id}
+        )
+    for entry in table.values():
+        if entry["complete"]:
+            cands = [(c["lr"], _result_or_none(out, c["run_id"])) for c in entry["candidates"]]
+            entry["chosen"] = select_lr(cands)
+    return table
+
+
+def _result_or_none(out: Path, run_id: str) -> dict[str, Any] | None:
+    path = Path(out) / "runs" / run_id / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _failed(out: Path, spec: RunSpec) -> bool:
+    return (Path(out) / "failures" / (spec.run_id.replace("/", "__") + ".json")).is_file()
+
+
+def chosen_lrs(grid: GridConfig, out: Path) -> dict[tuple[str, str], float]:
+    return {k: v["chosen"] for k, v in lr_choices(grid, out).items() if v["chosen"] is not None}
+
+
+def write_lr_choices(grid: GridConfig, out: Path) -> Path:
+    table = lr_choices(grid, out)
+    rows = [{"dataset": ds, "method": name, **entry} for (ds, name), entry in table.items()]
+    path = Path(out) / f"lr_choice_{grid.name}.json"
+    _write_json(path, {"selected_by": "validation macro F1 (test never read)", "choices": rows})
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one job (in this process or a worker process)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def job_payload(grid: GridConfig, spec: RunSpec, out: Path, *, threads: int, device: str) -> dict:
+    """Everything a worker needs, as plain data (picklable for a spawned process)."""
+    variant = grid.variant(spec.variant)
+    method_config = dict(variant.config)
+    if spec.budget_field is not None:
+        method_config[spec.budget_field] = spec.budget
+    train = {
+        **grid.train,
+        "out": str(spec.run_dir(out)),
+        "method": spec.method,
+        "lr": spec.lr,
+        "seed": spec.seed,
+        "iterations": spec.iterations,
+        "threads": threads,
+        "device": device,
+        "progress": False,
+        "overwrite": True,  # only ever reached with the claim held and no result.json
+    }
+    return {
+        "spec": asdict(spec),
+        "run_id": spec.run_id,
+        "grid": grid.name,
+        "protocol": grid.protocol,
+        "out": str(out),
+        "run_dir": str(spec.run_dir(out)),
+        "claim_dir": str(spec.claim_dir(out)),
+        "backbone": dict(grid.backbone),
+        "data": dict(grid.datasets[spec.dataset]),
+        "train": train,
+        "method_config": method_config,
+    }
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one grid run unless it is finished or claimed elsewhere; write ``result.json``.
+
+    Returns:
+        ``{"run_id", "status"}`` with status ``done`` (already finished), ``ran``, ``resumed``,
+        ``recovered`` (metrics existed, result.json rebuilt), ``busy`` (claimed by another
+        process) or ``failed`` (the error is in ``OUT/failures/<run>.json``).
+    """
+    from shpeft.checkpoint import RunLock
+
+    run_dir = Path(job["run_dir"])
+    status = {"run_id": job["run_id"]}
+    if (run_dir / "result.json").is_file():
+        return {**status, "status": "done"}
+    lock = RunLock(Path(job["claim_dir"]))
+    try:
+        lock.__enter__()
+    except FileExistsError:
+        return {**status, "status": "busy"}
+    try:
+        if (run_dir / "result.json").is_file():  # finished while we were getting here
+            return {**status, "status": "done"}
+        return {**status, "status": _run_claimed(job)}
+    except Exception as e:  # one broken run must not stop the grid; it is retried next time
+        fail = Path(job["out"]) / "failures" / (job["run_id"].replace("/", "__") + ".json")
+        _write_json(
+            fail,
+            {
+                "run_id": job["run_id"],
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+            },
+        )
+        log.error("run %s failed: %s: %s", job["run_id"], type(e).__name__, e)
+        return {**status, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+    finally:
+        lock.__exit__()
+
+
+def _run_claimed(job: dict[str, Any]) -> str:
+    import torch
+
+    from shpeft.backbones import BackboneConfig
+    from shpeft.checkpoint import checkpoint_paths
+    from shpeft.config import from_dict
+    from shpeft.data import DataConfig
+    from shpeft.methods import get_method
+    from shpeft.training import RunConfig, TrainConfig, environment, resume_run, train
+
+    run_dir = Path(job["run_dir"])
+    fail = Path(job["out"]) / "failures" / (job["run_id"].replace("/", "__") + ".json")
+    tc = job["train"]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    if (run_dir / "metrics.json").is_file() and (run_dir / "config.json").is_file():
+        # train() returned but the process died before result.json: keep the finished run
+        metrics, how = json.loads((run_dir / "metrics.json").read_text()), "recovered"
+    elif checkpoint_paths(run_dir) and (run_dir / "config.json").is_file():
+        metrics = resume_run(run_dir, threads=tc["threads"], progress=False, device=tc["device"])
+        how = "resumed"
+    else:
+        method_cls = get_method(job["spec"]["method"])
+        cfg = RunConfig(
+            backbone=from_dict(BackboneConfig, job["backbone"]),
+            data=from_dict(DataConfig, job["data"]),
+            train=from_dict(TrainConfig, tc),
+            method=method_cls.config_cls(**job["method_config"]),
+        )
+        metrics, how = train(cfg), "ran"
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    config = json.loads((run_dir / "config.json").read_text())
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    result = {
+        "run_id": job["run_id"],
+        "grid": job["grid"],
+        "protocol": job["protocol"],
+        **job["spec"],
+        "how": how,
+        "config": config,
+        "environment": config.get("environment") or environment(),
+        "metrics": metrics,
+        "trainable": metrics.get("trainable"),
+        "wall_s": wall,
+        # CPU seconds of this process for the run: what it costs on an otherwise idle machine
+        "cpu_s": cpu,
+        "train_s": metrics.get("train_s"),
+        "prepare_s": metrics.get("prepare_s"),
+        "delta_bytes": metrics.get("delta_bytes"),
+        "peak_rss_mb": rss_kb / 1024 if how != "recovered" else None,
+        # a pool worker runs one job per process; an in-process grid reports the process's peak
+        "peak_rss_scope": job.get("rss_scope", "process"),
+        "peak_cuda_mb": (
+            torch.cuda.max_memory_allocated() / 2**20
+            if torch.cuda.is_available() and how != "recovered"
+            else None
+        ),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_json(run_dir / "result.json", result)
+    fail.unlink(missing_ok=True)
+    return how
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _pool_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Entry point in a spawned worker: fresh process per run, so its peak RSS is the run's."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_job({**job, "rss_scope": "run"})
+
+
+# What a run imports, including the lazy imports of evaluation and plotting (about 2 s per run
+# otherwise); a module that fails to import here is skipped by the fork server.
+_PRELOAD = (
+    "shpeft.training",
+    "shpeft.methods",
+    "shpeft.analysis.grid",
+    "shpeft.evaluate",
+    "sklearn.metrics",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+    "PIL.Image",
+)
+
+
+def _worker_context():
+    """Fresh process per run without paying torch's import each time (~6 CPU-s here).
+
+    A fork server imports torch, timm and shpeft once and forks one child per run; the child is
+    a new process (its peak RSS is the run's), started from a single-threaded parent, so no
+    OpenMP pool is forked. Where fork servers do not exist, spawn.
+    """
+    import multiprocessing
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(_PRELOAD))
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def run_jobs(
+    jobs: list[dict[str, Any]],
+    *,
+    workers: int = 1,
+    poll_s: float = 10.0,
+    on_status: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``jobs`` (from :func:`job_payload`), waiting for runs that other processes hold.
+
+    ``workers <= 1`` runs them one after another in this process; more use a pool of spawned
+    processes, one fresh process per run (``max_tasks_per_child=1``), each claiming its run
+    through the lock. Runs another invocation is training are polled until they finish (their
+    result is needed, e.g. to choose a learning rate).
+    """
+    statuses: dict[str, dict[str, Any]] = {}
+    pending = list(jobs)
+    while pending:
+        if workers <= 1:
+            done = []
+            for job in pending:
+                st = run_job(job)
+                done.append(st)
+                if on_status:
+                    on_status(st)
+        else:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            ctx = _worker_context()
+            done = []
+            with ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+                futures = {pool.submit(_pool_job, job): job for job in pending}
+                for fut in as_completed(futures):
+                    try:
+                        st = fut.result()
+                    except Exception as e:  # a worker killed (e.g. out of memory): rerun later
+                        st = {
+                            "run_id": futures[fut]["run_id"],
+                            "status": "failed",
+                            "error": repr(e),
+                        }
+                        log.error("worker for %s died: %r", st["run_id"], e)
+                    done.append(st)
+                    if on_status:
+                        on_status(st)
+        statuses.update({st["run_id"]: st for st in done})
+        busy = {st["run_id"] for st in done if st["status"] == "busy"}
+        pending = [j for j in pending if j["run_id"] in busy]
+        if pending:
+            log.info("%d run(s) are being trained by another process; waiting", len(pending))
+            time.sleep(poll_s)
+    return [statuses[j["run_id"]] for j in jobs]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole grid
+
+
+def run_grid(
+    grid: GridConfig,
+    out: str | os.PathLike,
+    *,
+    workers: int = 1,
+    threads: int = 1,
+    device: str = "auto",
+    stages: Sequence[str] = STAGES,
+    poll_s: float = 10.0,
+) -> dict[str, Any]:
+    """Run the grid's stages in order (finished runs are skipped) and return a status summary."""
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    missing = [
+        f"{ds}: {d['data']}" for ds, d in grid.datasets.items() if not Path(d["data"]).exists()
+    ]
+    if missing:  # e.g. paper_grid.json's placeholders: say so before any run fails on them
+        raise FileNotFoundError(
+            "dataset path(s) not found (edit the grid config): " + "; ".join(missing)
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / f"grid_{grid.name}.json", {**grid.raw, "protocol": grid.protocol})
+    counts: dict[str, int] = {}
+
+    def note(st: dict[str, Any]) -> None:
+        counts[st["status"]] = counts.get(st["status"], 0) + 1
+        if st["status"] != "done":
+            log.info("%-9s %s", st["status"], st["run_id"])
+
+    def execute(specs: list[RunSpec]) -> None:
+        jobs = [job_payload(grid, s, out, threads=threads, device=device) for s in unique(specs)]
+        run_jobs(jobs, workers=workers, poll_s=poll_s, on_status=note)
+
+    if "search" in stages and grid.lr_search is not None:
+        execute(search_specs(grid))
+    if grid.lr_search is not None:
+        write_lr_choices(grid, out)
+    choices = chosen_lrs(grid, out)
+    later: list[RunSpec] = []
+    if "final" in stages:
+        later += final_specs(grid, choices)
+    if "shared" in stages:
+        later += shared_specs(grid)
+    if "budgets" in stages:
+        later += budget_specs(grid, choices)
+    execute(later)
+    return {
+        "out": str(out),
+        "statuses": counts,
+        "lr_choices": {f"{k[0]}/{k[1]}": v for k, v in choices.items()},
+    }
+
+
+def planned_specs(grid: GridConfig, out: Path) -> dict[str, list[RunSpec]]:
+    """Every stage's runs given what is known now (finals wait for the search's choices)."""
+    choices = chosen_lrs(grid, out)
+    return {
+        "search": search_specs(grid),
+        "final": final_specs(grid, choices),
+        "shared": shared_specs(grid),
+        "budgets": budget_specs(grid, choices),
+    }

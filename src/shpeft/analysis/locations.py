@@ -1,0 +1,285 @@
+"""Where a run's trained (or most-changed) scalars lie: per block and per parameter type.
+
+The SH-PEFT paper (Liu, Xu, Liu, Zhang 2024) argues that the key weights are spread over every
+kind of operation, not only the linear layers that SPT tunes; this module measures it for one
+run. Positions come from the run's sparse delta (SH-PEFT's selection, SPT's sparse part), or, for
+dense methods, from the top-k% of ``|W_ft - W_ori|`` (``k_percent``).
+
+Parameter types follow :func:`shpeft.methods.shpeft.parameter_kind` (qkv, proj, fc1, fc2, norm,
+bias, embedding); blocks are ``blocks.<i>``, with ``embed`` before them (patch / position
+embedding, class token, pre-norm) and ``final`` after (final norm, pooling).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from shpeft.methods.shpeft import parameter_kind
+
+KINDS = ("embedding", "qkv", "proj", "fc1", "fc2", "norm", "bias", "other")
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def block_of(name: str) -> str:
+    """``"block 3"`` for ``blocks.3.*``; ``"embed"`` before the blocks; ``"final"`` after."""
+    m = _BLOCK.search(name)
+    if m:
+        return f"block {int(m.group(1))}"
+    if name in ("cls_token", "pos_embed", "reg_token") or name.startswith(
+        ("patch_embed", "norm_pre")
+    ):
+        return "embed"
+    return "final"
+
+
+def block_order(blocks: Sequence[str]) -> list[str]:
+    def key(b: str) -> tuple[int, int]:
+        if b == "embed":
+            return (0, 0)
+        if b.startswith("block "):
+            return (1, int(b.split()[1]))
+        return (2, 0)
+
+    return sorted(set(blocks), key=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions as one flat boolean vector over the backbone (eligible parameters, model order)
+
+
+def layout(model: torch.nn.Module) -> dict[str, int]:
+    """``{name: numel}`` of the backbone parameters (everything but the head), in model order."""
+    from shpeft.importance import eligible_parameters
+
+    return {n: p.numel() for n, p in eligible_parameters(model).items()}
+
+
+def flat_from_indices(sizes: dict[str, int], indices: dict[str, Tensor]) -> Tensor:
+    """A flat bool vector over ``sizes`` with the given per-tensor flat indices set."""
+    out = torch.zeros(sum(sizes.values()), dtype=torch.bool)
+    offset = 0
+    for name, n in sizes.items():
+        if name in indices:
+            out[offset + indices[name].long()] = True
+        offset += n
+    unknown = set(indices) - set(sizes)
+    if unknown:
+        raise ValueError(
+            f"positions name tensors the backbone does not have: {sorted(unknown)[:5]}"
+        )
+    return out
+
+
+def location_counts(sizes: dict[str, int], flat: Tensor) -> dict[tuple[str, str], list[int]]:
+    """``{(block, kind): [selected, size]}`` of a flat bool vector over ``sizes``."""
+    out: dict[tuple[str, str], list[int]] = {}
+    offset = 0
+    for name, n in sizes.items():
+        key = (block_of(name), parameter_kind(name))
+        agg = out.setdefault(key, [0, 0])
+        agg[0] += int(flat[offset : offset + n].sum())
+        agg[1] += n
+        offset += n
+    return out
+
+
+def marginals(counts: dict[tuple[str, str], list[int]], axis: int) -> dict[str, list[int]]:
+    """Sum ``counts`` over blocks (axis 1: per kind) or kinds (axis 0: per block)."""
+    out: dict[str, list[int]] = {}
+    for key, (sel, size) in counts.items():
+        agg = out.setdefault(key[axis], [0, 0])
+        agg[0] += sel
+        agg[1] += size
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+def run_positions(run_dir: str | Path, k_percent: float | None = None) -> dict[str, Any]:
+    """The trained positions of a run as a flat bool vector, with its backbone layout.
+
+    Args:
+        run_dir: a run directory.
+        k_percent: None: the positions stored sparsely in the run's delta (SH-PEFT's selection);
+            a number: the top-k% of ``|W_ft - W_ori|`` instead (any mergeable method, e.g. full).
+    """
+    from shpeft.analysis.sparsity import weight_change
+    from shpeft.backbones import BackboneConfig, create_model
+    from shpeft.config import from_dict
+    from shpeft.delta import Delta
+    from shpeft.training import load_run_config
+
+    run_dir = Path(run_dir)
+    conf = load_run_config(run_dir)
+    if k_percent is not None:
+        change = weight_change(run_dir)
+        flat = topk_flat(change["flat"], k_percent)
+        return {
+            "sizes": change["sizes"],
+            "flat": flat,
+            "source": f"top {k_percent:g}% |dW|",
+            "conf": conf,
+        }
+    delta = Delta.load(run_dir / "delta.safetensors")
+    model, _ = create_model(
+        from_dict(BackboneConfig, conf["backbone"]), num_classes=len(conf["classes"])
+    )
+    sizes = layout(model)
+    indices = {n: idx for n, (idx, _) in delta.sparse.items() if n in sizes}
+    if not indices:
+        raise ValueError(
+            f"{run_dir} ({conf['train']['method']}) has no sparse positions in its delta; pass a "
+            "k (top-k% of |W_ft - W_ori|) to analyse a dense run"
+        )
+    return {
+        "sizes": sizes,
+        "flat": flat_from_indices(sizes, indices),
+        "source": "selected scalars (sparse delta)",
+        "conf": conf,
+    }
+
+
+def topk_flat(scores: Tensor, k_percent: float) -> Tensor:
+    """The top-k% entries of a flat score vector (global threshold, ties to the lowest index).
+
+    k = 0 (or a k that rounds to no scalar) selects nothing; k = 100 selects everything.
+    """
+    from shpeft.selection import select_topk
+
+    n = scores.numel()
+    if k_percent >= 100:
+        return torch.ones(n, dtype=torch.bool)
+    if round(k_percent / 100 * n) < 1:
+        return torch.zeros(n, dtype=torch.bool)
+    return select_topk({"all": scores}, k_percent / 100)["all"]
+
+
+def run_locations(run_dir: str | Path, k_percent: float | None = None) -> dict[str, Any]:
+    """Share of selected scalars per block, per parameter type and per (block, type)."""
+    pos = run_positions(run_dir, k_percent)
+    counts = location_counts(pos["sizes"], pos["flat"])
+    total_sel = int(pos["flat"].sum())
+    total = int(pos["flat"].numel())
+
+    def rows(d: dict[str, list[int]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": k,
+                "selected": s,
+                "size": n,
+                "density_pct": 100.0 * s / n if n else 0.0,
+                "share_of_selected_pct": 100.0 * s / total_sel if total_sel else 0.0,
+            }
+            for k, (s, n) in d.items()
+        ]
+
+    per_block = marginals(counts, 0)
+    per_kind = marginals(counts, 1)
+    blocks = block_order(per_block)
+    kinds = [k for k in KINDS if k in per_kind]
+    return {
+        "run": str(run_dir),
+        "method": pos["conf"]["train"]["method"],
+        "source": pos["source"],
+        "selected": total_sel,
+        "eligible": total,
+        "selected_pct": 100.0 * total_sel / total if total else 0.0,
+        "per_block": sorted(rows(per_block), key=lambda r: blocks.index(r["name"])),
+        "per_kind": sorted(rows(per_kind), key=lambda r: kinds.index(r["name"])),
+        "grid": {
+            "blocks": blocks,
+            "kinds": kinds,
+            "density_pct": [
+                [
+                    (100.0 * counts[(b, k)][0] / counts[(b, k)][1]) if (b, k) in counts else None
+                    for k in kinds
+                ]
+                for b in blocks
+            ],
+        },
+    }
+
+
+def locations_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"### Where the selected scalars are: `{report['run']}` ({report['method']})",
+        "",
+        f"{report['source']}: {report['selected']} of {report['eligible']} backbone scalars "
+        f"({report['selected_pct']:.3g}%). density = selected / scalars of that group; share = "
+        "group's part of all selected scalars.",
+        "",
+    ]
+    for key, title in (("per_kind", "parameter type"), ("per_block", "block")):
+        lines += [
+            f"| {title} | selected | scalars | density % | share of selected % |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in report[key]:
+            lines.append(
+                f"| {r['name']} | {r['selected']} | {r['size']} | {r['density_pct']:.3g} | "
+                f"{r['share_of_selected_pct']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_locations(report: dict[str, Any], path: Path) -> Path:
+    """Heat map of the density per (block, type); bars: the selection's split by type and block."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    g = report["grid"]
+    data = np.array(
+        [[np.nan if v is None else v for v in row] for row in g["density_pct"]], dtype=float
+    )
+    fig = Figure(figsize=(11, max(3.5, 0.35 * len(g["blocks"]) + 1.5)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 3, 1)
+    im = ax.imshow(data, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(g["kinds"])), g["kinds"], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(g["blocks"])), g["blocks"], fontsize=8)
+    ax.set_title("selected share of each group (%)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.2g}", ha="center", va="center", fontsize=6, color="w")
+    for pos, key, title in ((2, "per_kind", "per parameter type"), (3, "per_block", "per block")):
+        ax = fig.add_subplot(1, 3, pos)
+        rows = report[key]
+        # the heat map shows density; the bars show where the selection itself lies
+        ax.barh([r["name"] for r in rows][::-1], [r["share_of_selected_pct"] for r in rows][::-1])
+        ax.set_xlabel("share of all selected scalars (%)", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(
+        f"{report['method']}: {report['source']} ({report['selected_pct']:.3g}% of the backbone)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_locations(report: dict[str, Any], dest: str | Path) -> dict[str, str]:
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "locations.json").write_text(json.dumps(report, indent=2) + "\n")
+    (dest / "locations.md").write_text(locations_markdown(report))
+    png = plot_locations(report, dest / "locations.png")
+    return {
+        "json": str(dest / "locations.json"),
+        "markdown": str(dest / "locations.md"),
+        "png": str(png),
+    }

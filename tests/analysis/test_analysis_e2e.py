@@ -1,0 +1,183 @@
+"""End to end on real data: a micro grid (vit_pico, BreastMNIST, a few iterations), its summary,
+and the sparsity / hybridity / locations analyses of its runs; plus their pure invariants."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shpeft.analysis import add_subcommands
+from shpeft.analysis import grid as G
+from shpeft.analysis.hybridity import chance_overlap, overlap, run_hybridity, write_hybridity
+from shpeft.analysis.locations import block_of, run_locations, topk_flat, write_locations
+from shpeft.analysis.sparsity import graft, run_sparsity, write_sparsity
+from shpeft.analysis.tables import write_summary
+
+pytestmark = pytest.mark.filterwarnings("ignore:data leakage allowed:UserWarning")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    from tests.conftest import SHARED_DATA, SHARED_MODELS
+
+    if not (SHARED_MODELS / "vit_pico").exists():
+        pytest.skip(
+            "../shared is absent (it ships beside the project in CI, not in a user's clone)"
+        )
+    torch.set_num_threads(1)
+    raw = {
+        "name": "micro",
+        "backbone": {"model": str(SHARED_MODELS / "vit_pico")},
+        "datasets": {
+            "breastmnist": {
+                "data": str(SHARED_DATA / "breastmnist" / "breastmnist.npz"),
+                "allow_leakage": True,  # the official split holds one image in train and test
+            }
+        },
+        "methods": ["full", "shpeft"],
+        "method_config": {"shpeft": {"ratio": 0.01, "importance_batches": 2}},
+        "seeds": [0, 1],
+        "train": {"iterations": 3, "batch_size": 16, "lr": 0.05, "eval_every": 3},
+    }
+    grid = G.parse_grid(raw)
+    out = tmp_path_factory.mktemp("grid")
+    status = G.run_grid(grid, out, workers=1, threads=1, device="cpu")
+    return grid, out, status
+
+
+def run_dir(out, method, seed):
+    tag = "shpeft@0.01" if method == "shpeft" else method
+    return out / "runs" / "breastmnist" / tag / f"lr0.05-it3-s{seed}"
+
+
+def test_micro_grid_writes_results_and_resumes_by_skipping(micro):
+    grid, out, status = micro
+    assert status["statuses"] == {"ran": 4}
+    r = json.loads((run_dir(out, "shpeft", 1) / "result.json").read_text())
+    assert r["run_id"] == "breastmnist/shpeft@0.01/lr0.05-it3-s1"
+    assert r["config"]["train"]["seed"] == 1 and r["config"]["method"]["ratio"] == 0.01
+    assert {"git_commit", "torch", "timm", "shpeft"} <= set(r["environment"])
+    assert r["trainable"]["backbone_trainable_pct"] == pytest.approx(1.0, rel=0.01)
+    assert r["wall_s"] > 0 and r["peak_rss_mb"] > 0 and r["delta_bytes"] > 0
+    assert 0 <= r["metrics"]["test"]["macro_f1"] <= 1
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    again = G.run_grid(grid, out, workers=1, threads=1, device="cpu")
+    assert again["statuses"] == {"done": 4}
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == before
+    s = write_summary(grid, out)
+    assert "| Full finetune | 100 |" in s["text"] and "| SH-PEFT (ratio=0.01) | 1 |" in s["text"]
+
+
+def test_graft_endpoints_and_topk_invariants():
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(4, 5, generator=g), "b": torch.randn(7, generator=g)}
+    ft = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    full, none = graft(base, ft, 100), graft(base, ft, 0)
+    assert all(torch.equal(full[k], ft[k]) and torch.equal(none[k], base[k]) for k in base)
+    assert all(torch.equal(v, base[k]) for k, v in graft(base, ft, 1e-9).items())  # rounds to 0
+    half = graft(base, ft, 50)
+    changed = torch.cat([(half[k] != base[k]).reshape(-1) for k in base])
+    diff = torch.cat([(ft[k] - base[k]).abs().reshape(-1) for k in base])
+    assert int(changed.sum()) == round(0.5 * diff.numel())
+    assert diff[changed].min() >= diff[~changed].max()  # the largest changes are the ones kept
+    assert int(topk_flat(torch.ones(10), 30).sum()) == 3  # ties: exact k, lowest indices
+    assert topk_flat(torch.ones(10), 30)[:3].all()
+
+
+def test_sparsity_k100_is_the_finetune_and_k0_the_base(micro, tmp_path):
+    _, out, _ = micro
+    run = run_dir(out, "full", 0)
+    report = run_sparsity(run, [100, 10, 0])
+    rows = {r["k_percent"]: r for r in report["rows"]}
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert rows[100]["macro_f1"] == test["macro_f1"] and rows[100]["accuracy"] == test["accuracy"]
+    assert rows[100]["share_of_full_f1"] == 1.0
+    assert rows[0]["changed_scalars"] == 0
+    assert rows[10]["changed_scalars"] <= rows[10]["kept_changes"]
+    files = write_sparsity(report, tmp_path)
+    assert Path(files["png"]).read_bytes()[:8] == PNG
+    assert "share of full FT F1" in Path(files["markdown"]).read_text()
+
+
+def test_overlap_identical_disjoint_and_chance():
+    a = torch.zeros(1000, dtype=torch.bool)
+    a[:10] = True
+    b = torch.zeros(1000, dtype=torch.bool)
+    b[500:510] = True
+    assert overlap(a, a) == 1.0 and overlap(a, b) == 0.0
+    assert chance_overlap(b) == pytest.approx(0.01)
+
+
+def test_hybridity_delta_and_mask_modes(micro, tmp_path):
+    _, out, _ = micro
+    fulls = [run_dir(out, "full", s) for s in (0, 1)]
+    rep = run_hybridity(fulls, [5, 1], labels=["s0", "s1"])
+    assert rep["mode"] == "delta"
+    for lv in rep["levels"]:
+        assert lv["matrix"][0][0] == 1.0 and lv["matrix"][1][1] == 1.0
+        assert 0 <= lv["matrix"][0][1] <= 1
+        assert lv["chance_pct"] == pytest.approx(lv["k_percent"], rel=0.01)
+    loc = rep["locations"]
+    assert sum(r["shared"] for r in loc["per_kind"]) == loc["shared"]
+    assert sum(r["specific"] for r in loc["per_block"]) == loc["specific"]
+    files = write_hybridity(rep, tmp_path)
+    assert Path(files["png"]).read_bytes()[:8] == PNG
+    masks = run_hybridity([run_dir(out, "shpeft", s) for s in (0, 1)])
+    assert masks["mode"] == "mask" and masks["levels"][0]["chance_pct"] == pytest.approx(
+        1, rel=0.01
+    )
+    with pytest.raises(ValueError, match="at least two"):
+        run_hybridity(fulls[:1])
+
+
+def test_locations_of_a_shpeft_run(micro, tmp_path):
+    _, out, _ = micro
+    run = run_dir(out, "shpeft", 0)
+    rep = run_locations(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert rep["selected"] == metrics["trainable"]["backbone_trainable"]
+    assert sum(r["selected"] for r in rep["per_kind"]) == rep["selected"]
+    assert sum(r["size"] for r in rep["per_block"]) == rep["eligible"]
+    assert {r["name"] for r in rep["per_kind"]} <= {
+        "embedding",
+        "qkv",
+        "proj",
+        "fc1",
+        "fc2",
+        "norm",
+        "bias",
+    }
+    files = write_locations(rep, tmp_path)
+    assert Path(files["png"]).read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match="no sparse positions"):
+        run_locations(run_dir(out, "full", 0))  # dense: needs a k
+    assert run_locations(run_dir(out, "full", 0), k_percent=1)["selected_pct"] == pytest.approx(
+        1, rel=0.01
+    )
+
+
+def test_block_names():
+    assert block_of("blocks.11.attn.qkv.weight") == "block 11"
+    assert block_of("pos_embed") == block_of("patch_embed.proj.weight") == "embed"
+    assert block_of("norm.weight") == "final"
+
+
+def test_cli_subcommands(micro, tmp_path, capsys):
+    _, out, _ = micro
+    parser = argparse.ArgumentParser()
+    commands: dict = {}
+    add_subcommands(parser.add_subparsers(dest="command", required=True), commands)
+    assert set(commands) == {"bench", "analyze"}
+    args = parser.parse_args(
+        ["analyze", "locations", "--run", str(run_dir(out, "shpeft", 1)), "--out", str(tmp_path)]
+    )
+    assert args.func(args) == 0 and (tmp_path / "locations.png").is_file()
+    assert "Where the selected scalars are" in capsys.readouterr().out
+    args = parser.parse_args(["bench", "cfg.json", "--workers", "2"])
+    assert args.func is commands["bench"] and args.workers == 2

@@ -1,0 +1,234 @@
+"""The grid config, run ids, stage planning, skipping and claiming, and validation-only lr choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shpeft.analysis import grid as G
+from shpeft.checkpoint import RunLock
+
+
+def raw_config(**over) -> dict:
+    raw = {
+        "name": "t",
+        "backbone": {"model": "/nowhere/model", "pretrained": False},
+        "datasets": {
+            "a": {"data": "/nowhere/a"},
+            "b": {"data": "/nowhere/b", "paper_name": "BUSI"},
+        },
+        "methods": [
+            "full",
+            "shpeft",
+            {"name": "shpeft-l1", "method": "shpeft", "config": {"strategy": "l1"}},
+        ],
+        "method_config": {"shpeft": {"ratio": 0.02}},
+        "seeds": [0, 1, 2],
+        "train": {"iterations": 10, "batch_size": 4},
+        "lr_search": {"lrs": [0.01, 0.1], "iterations": 10, "seed": 0},
+        "shared_lr": 0.001,
+        "budgets": {"shpeft": [0.001, 0.02]},
+        "budget_seeds": [0],
+    }
+    raw.update(over)
+    return raw
+
+
+def fake_result(val_f1: float | None, test_f1: float, pct: float = 1.0) -> dict:
+    return {
+        "metrics": {
+            "val": None if val_f1 is None else {"macro_f1": val_f1},
+            "test": {"macro_f1": test_f1, "accuracy": test_f1, "auc": test_f1},
+        },
+        "trainable": {"backbone_trainable_pct": pct},
+    }
+
+
+def write_result(out: Path, spec: G.RunSpec, result: dict) -> None:
+    d = spec.run_dir(out)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "result.json").write_text(json.dumps({"run_id": spec.run_id, **result}))
+
+
+def test_parse_fills_method_settings_and_budget_ids():
+    g = G.parse_grid(raw_config())
+    assert [v.name for v in g.methods] == ["full", "shpeft", "shpeft-l1"]
+    assert g.variant("shpeft-l1").config == {"ratio": 0.02, "strategy": "l1"}
+    assert g.dataset_info["b"] == {"paper_name": "BUSI"}
+    assert "paper_name" not in g.datasets["b"]  # not a DataConfig field
+    search = G.search_specs(g)
+    assert len(search) == 2 * 3 * 2  # datasets x methods x lrs
+    ids = {s.run_id for s in search}
+    assert "a/full/lr0.01-it10-s0" in ids
+    assert "b/shpeft@0.02/lr0.1-it10-s0" in ids  # the method's configured budget is in the id
+    assert len(ids) == len(search)
+
+
+def test_stages_reuse_runs_and_follow_choices():
+    g = G.parse_grid(raw_config())
+    choices = {(ds, v.name): 0.1 for ds in g.datasets for v in g.methods}
+    final = G.final_specs(g, choices)
+    assert len(final) == 2 * 3 * 3 and {s.lr for s in final} == {0.1}
+    # the search run at the chosen lr is the seed-0 final run (same iterations and seed)
+    assert {s.run_id for s in G.search_specs(g)} & {s.run_id for s in final}
+    shared = G.shared_specs(g)
+    assert {s.lr for s in shared} == {0.001} and len(shared) == 18
+    budgets = G.budget_specs(g, choices)
+    assert {(s.variant, s.budget, s.seed) for s in budgets} == {
+        ("shpeft", 0.001, 0),
+        ("shpeft", 0.02, 0),
+    }
+    # a pending choice leaves its finals out instead of guessing an lr
+    partial = G.final_specs(g, {("a", "full"): 0.01})
+    assert {(s.dataset, s.variant) for s in partial} == {("a", "full")}
+
+
+def test_lr_search_methods_share_their_choice():
+    g = G.parse_grid(raw_config(lr_search={"lrs": [0.01, 0.1], "methods": ["full", "shpeft"]}))
+    assert g.lr_source("shpeft-l1") == "shpeft"
+    assert {s.variant for s in G.search_specs(g)} == {"full", "shpeft"}
+    final = G.final_specs(g, {("a", "shpeft"): 0.1})
+    assert {(s.variant, s.lr) for s in final} == {("shpeft", 0.1), ("shpeft-l1", 0.1)}
+
+
+def test_protocol_overlay_and_paths(tmp_path):
+    (tmp_path / "data_a").mkdir()
+    raw = raw_config(datasets={"a": {"data": "data_a"}}, backbone={"model": "vit_tiny_patch16_224"})
+    g = G.parse_grid(raw, root=tmp_path, protocol="paper")
+    assert g.protocol == "paper"
+    assert g.train["iterations"] == 40000 and g.train["batch_size"] == 64 and g.train["lr"] == 1e-3
+    assert g.datasets["a"]["data"] == str(tmp_path / "data_a")  # relative to the config file
+    assert g.backbone["model"] == "vit_tiny_patch16_224"  # a name, not a path: left alone
+    raw["protocols"] = {"quick": {"train": {"iterations": 3}}}
+    assert G.parse_grid(raw, protocol="quick").iterations == 3
+    with pytest.raises(ValueError, match="protocol 'nope'"):
+        G.parse_grid(raw, protocol="nope")
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"methods": ["full", "nope"]}, "unknown method"),
+        ({"methods": ["full", "full"]}, "unique"),
+        ({"budgets": {"full": [1]}}, "no budget knob"),
+        ({"budgets": {"shpeft": [2.0]}}, "ratio"),
+        ({"lr_search": {"lrs": []}}, "lr_search.lrs"),
+        ({"seeds": []}, "seed"),
+        ({"train": {"iterations": 0}}, "iterations"),
+        ({"method_config": {"shpeft": {"ratio": 0}}}, "ratio"),
+    ],
+)
+def test_bad_configs_fail_early(over, match):
+    with pytest.raises(ValueError, match=match):
+        G.parse_grid(raw_config(**over))
+
+
+def test_lr_is_chosen_on_validation_never_test():
+    # lr 0.1 wins on test by far, lr 0.01 on validation: the choice must follow validation
+    cands = [(0.01, fake_result(0.9, 0.1)), (0.1, fake_result(0.5, 0.99)), (1.0, None)]
+    assert G.select_lr(cands) == 0.01
+    assert G.select_lr([(0.1, fake_result(None, 0.99)), (0.3, None)]) is None
+    assert G.select_lr([(0.1, fake_result(0.7, 0)), (0.3, fake_result(0.7, 1))]) == 0.1  # tie
+
+
+def test_lr_choices_from_run_folders(tmp_path):
+    g = G.parse_grid(raw_config())
+    for spec in G.search_specs(g):
+        good = spec.lr == 0.01
+        write_result(tmp_path, spec, fake_result(0.8 if good else 0.4, 0.1 if good else 0.95))
+    choices = G.chosen_lrs(g, tmp_path)
+    assert set(choices.values()) == {0.01} and len(choices) == 6
+    path = G.write_lr_choices(g, tmp_path)
+    assert json.loads(path.read_text())["selected_by"].startswith("validation")
+    # an unfinished candidate keeps the choice pending
+    spec = G.search_specs(g)[0]
+    (spec.run_dir(tmp_path) / "result.json").unlink()
+    assert (spec.dataset, spec.variant) not in G.chosen_lrs(g, tmp_path)
+
+
+def test_finished_runs_are_skipped_and_claimed_runs_left_alone(tmp_path):
+    g = G.parse_grid(raw_config())
+    spec = G.search_specs(g)[0]
+    job = G.job_payload(g, spec, tmp_path, threads=1, device="cpu")
+    write_result(tmp_path, spec, fake_result(0.5, 0.5))
+    before = (spec.run_dir(tmp_path) / "result.json").read_text()
+    assert G.run_job(job)["status"] == "done"  # the data path does not exist: nothing ran
+    assert (spec.run_dir(tmp_path) / "result.json").read_text() == before
+    other = G.search_specs(g)[1]
+    job = G.job_payload(g, other, tmp_path, threads=1, device="cpu")
+    with RunLock(other.claim_dir(tmp_path)):  # another worker holds it
+        assert G.run_job(job)["status"] == "busy"
+    assert not other.run_dir(tmp_path).exists()
+
+
+def test_a_failing_run_is_recorded_and_does_not_stop_the_grid(tmp_path):
+    g = G.parse_grid(raw_config())
+    spec = G.search_specs(g)[0]
+    st = G.run_job(G.job_payload(g, spec, tmp_path, threads=1, device="cpu"))
+    assert st["status"] == "failed"
+    fail = tmp_path / "failures" / (spec.run_id.replace("/", "__") + ".json")
+    assert "nowhere" in json.loads(fail.read_text())["error"]
+
+
+def test_interrupted_runs_are_resumed(tmp_path, monkeypatch):
+    import shpeft.training
+
+    g = G.parse_grid(raw_config())
+    spec = G.search_specs(g)[0]
+    run_dir = spec.run_dir(tmp_path)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "ckpt_00000004.pt").write_bytes(b"")
+    (run_dir / "config.json").write_text(json.dumps({"train": {}}))
+    calls = []
+
+    def fake_resume(path, **over):
+        calls.append((Path(path), over))
+        return {"val": {"macro_f1": 0.5}, "test": {"macro_f1": 0.4}, "trainable": {}}
+
+    monkeypatch.setattr(shpeft.training, "resume_run", fake_resume)
+    st = G.run_job(G.job_payload(g, spec, tmp_path, threads=1, device="cpu"))
+    assert st["status"] == "resumed" and calls[0][0] == run_dir
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["how"] == "resumed" and result["lr"] == spec.lr and result["peak_rss_mb"] > 0
+
+
+def test_runs_held_elsewhere_are_waited_for(monkeypatch):
+    answers = {"x": ["busy", "busy", "ran"], "y": ["done"]}
+
+    def fake(job):
+        return {"run_id": job["run_id"], "status": answers[job["run_id"]].pop(0)}
+
+    monkeypatch.setattr(G, "run_job", fake)
+    out = G.run_jobs([{"run_id": "x"}, {"run_id": "y"}], workers=1, poll_s=0)
+    assert [s["status"] for s in out] == ["ran", "done"]
+
+
+def test_unknown_keys_and_missing_data_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown key"):
+        G.parse_grid(raw_config(train={"iterations": 5, "batchsize": 4}))
+    with pytest.raises(ValueError, match="unknown key"):
+        G.parse_grid(raw_config(datasets={"a": {"data": "x", "alow_leakage": True}}))
+    with pytest.raises(ValueError, match="unknown key"):
+        G.parse_grid(raw_config(method_config={"shpeft": {"rank": 3}}))
+    with pytest.raises(FileNotFoundError, match="/nowhere/a"):
+        G.run_grid(G.parse_grid(raw_config()), tmp_path)
+
+
+def test_shipped_configs_parse():
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+    cpu = G.load_grid(root / "cpu_grid.json")
+    assert len(cpu.methods) == 12 and cpu.seeds == [0, 1, 2] and len(cpu.datasets) == 3
+    assert cpu.lr_search.iterations == cpu.iterations  # search runs double as seed-0 finals
+    assert (
+        "reconstructed, not the byte-identical official file"
+        in cpu.dataset_info["pneumoniamnist"]["note"]
+    )
+    paper_cfg = G.load_grid(root / "cpu_grid.json", protocol="paper")
+    assert paper_cfg.train["iterations"] == 40000 and paper_cfg.train["batch_size"] == 64
+    assert paper_cfg.backbone["model"] == "vit_base_patch16_clip_224.openai"
+    p = G.load_grid(root / "paper_grid.json")
+    assert p.protocol == "paper" and len(p.datasets) == 6 and p.shared_lr == 1e-3
+    abl = G.load_grid(root / "cpu_ablations.json")
+    assert {abl.lr_source(v.name) for v in abl.methods} == {"shpeft"}
