@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from shpeft import distributed
+
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("l2", "l1", "td-l2", "td-l1", "ta", "ta-l1", "ta-l2")
@@ -57,12 +59,15 @@ def _norm(strategy: str) -> str:
 
 
 @torch.no_grad()
-def _all_reduce_(tensors: Iterable[Tensor]) -> None:
-    # Under torchrun every rank sees a shard of the batches: sum the accumulators so that all ranks
-    # rank the same importance (and so select the same mask).
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for t in tensors:
-            torch.distributed.all_reduce(t)
+def _add_round_(acc: list[Tensor], mine: list[Tensor] | None) -> None:
+    # Under torchrun, rank r scores batches r, r+W, ... (one per rank and "round"). Gather the
+    # round's per-batch contributions and add them in batch order on every rank: the same
+    # additions in the same order as one process, so the accumulators (and the selected mask)
+    # are bit-identical to a single-process run. A sum all-reduce would round differently.
+    for contrib in distributed.gather_in_order(mine if mine is not None else acc, mine is not None):
+        if contrib is not None:
+            for a, c in zip(acc, contrib, strict=True):
+                a.add_(c)
 
 
 def estimate_importance(
@@ -120,10 +125,19 @@ def estimate_importance(
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
     seen = 0
+    world, me = distributed.world_size(), distributed.rank()
+    mine: list[Tensor] | None = None  # this rank's contribution to the current round
     try:
         batches = itertools.islice(loader, num_batches) if num_batches else loader
         total = num_batches or (len(loader) if hasattr(loader, "__len__") else None)
-        for images, labels in tqdm(batches, total=total, desc="importance", disable=not progress):
+        bar = tqdm(batches, total=total, desc="importance", disable=not progress)
+        for images, labels in bar:
+            if world > 1 and seen % world != me:  # another rank's batch
+                seen += 1
+                if seen % world == 0:
+                    _add_round_(list(acc.values()), mine)
+                    mine = None
+                continue
             images, labels = images.to(device), labels.to(device)
             with torch.autocast(device.type, enabled=False):  # importance is float32 by spec
                 loss = F.cross_entropy(model(images.float()), labels)
@@ -132,19 +146,33 @@ def estimate_importance(
                     f"non-finite loss {loss.item()} in importance batch {seen}"
                 )
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            if world > 1:
+                # zeros for unused tensors: adding +0 to the accumulators changes no bit
+                mine = [
+                    torch.zeros_like(acc[n])
+                    if g is None
+                    else (g.float().square() if strategy.endswith("l2") else g.float())
+                    for n, g in zip(names, grads, strict=True)
+                ]
+                seen += 1
+                if seen % world == 0:
+                    _add_round_(list(acc.values()), mine)
+                    mine = None
+                continue
             for n, g in zip(names, grads, strict=True):
                 if g is None:  # unused by the forward (e.g. a pooled-away token): zero evidence
                     continue
                 g = g.float()
                 acc[n].add_(g.square() if strategy.endswith("l2") else g)
             seen += 1
+        if world > 1 and seen % world:  # the last, partial round
+            _add_round_(list(acc.values()), mine)
     finally:
         model.train(was_training)
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     if seen == 0:
         raise ValueError("the importance loader yielded no batches")
-    _all_reduce_(acc.values())
 
     td = acc if strategy.endswith("l2") else {n: a.abs_() for n, a in acc.items()}
     if strategy.startswith("td"):

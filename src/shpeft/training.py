@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -26,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from shpeft import __version__
+from shpeft import __version__, distributed
 from shpeft.backbones import BackboneConfig, create_model, hash_backbone, make_head
 from shpeft.checkpoint import RunLock, checkpoint_paths, load_latest_checkpoint, save_checkpoint
 from shpeft.config import from_dict, to_dict
@@ -82,6 +84,14 @@ class TrainConfig:
         default=False,
         metadata={"help": "skip batches whose loss or gradient is not finite instead of stopping"},
     )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, or "
+            "bf16 (autocast; weights, optimizer state and importance stay float32)",
+            "choices": ("auto", "fp32", "bf16"),
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("iterations", "batch_size"):
@@ -102,6 +112,8 @@ class TrainConfig:
             )
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass
@@ -218,13 +230,20 @@ def _mix(*parts: int) -> int:
     return h
 
 
-def augment_batch(x: torch.Tensor, kind: str, seed: int, it: int) -> torch.Tensor:
-    """Training augmentation, seeded by (seed, iteration) so that a resumed run repeats it."""
+def augment_batch(
+    x: torch.Tensor, kind: str, seed: int, it: int, *, offset: int = 0, total: int | None = None
+) -> torch.Tensor:
+    """Training augmentation, seeded by (seed, iteration) so that a resumed run repeats it.
+
+    Under DDP, ``x`` is rows ``offset:offset+len(x)`` of a global batch of ``total`` images:
+    the draws are made for the whole batch and sliced, as a single process would see them.
+    """
     if kind == "none":
         return x
     if kind == "flip":
         g = torch.Generator().manual_seed(_mix(seed, it, 0xF11B))
-        flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+        draws = torch.rand(total or x.shape[0], generator=g)[offset : offset + x.shape[0]]
+        flip = (draws < 0.5).to(x.device)
         return torch.where(flip[:, None, None, None], x.flip(-1), x)
     raise ValueError(f"unknown augmentation {kind!r}")
 
@@ -275,16 +294,29 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``.
 
+    Under ``torchrun`` (see :mod:`shpeft.distributed`) every process calls this: the model is
+    wrapped in DistributedDataParallel, each global batch is split across the ranks, and only
+    rank 0 writes the run directory and evaluates.
+
     Args:
         cfg: the run's configuration.
         resume: continue the run in ``cfg.train.out`` from its newest readable checkpoint (the
             method's saved selection is reused, nothing is re-estimated). The result is
             bit-identical to an uninterrupted run on the same device and thread count.
     """
+    own_group = distributed.init_from_env(cfg.train.device)
+    try:
+        return _train(cfg, resume=resume)
+    finally:
+        if own_group:
+            distributed.cleanup()
+
+
+def _train(cfg: RunConfig, *, resume: bool) -> dict[str, Any]:
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
+    device = distributed.device_for_rank(resolve_device(tc.device))
     method = cfg.method_obj()
     cfg.method = method.config
     torch.manual_seed(tc.seed)
@@ -312,6 +344,14 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     run_dir = Path(tc.out)
     if resume and not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"nothing to resume: {run_dir} has no config.json")
+    if not distributed.is_main():
+        # DDP: only rank 0 writes the run directory. The other ranks run the same code but
+        # write into a throwaway folder, and read the real one (to resume) through src_dir.
+        with tempfile.TemporaryDirectory(prefix=f"shpeft-rank{distributed.rank()}-") as tmp:
+            return _train_locked(
+                cfg, method, model, spec, data, classes, base_hash, device, Path(tmp), resume,
+                src_dir=run_dir,
+            )  # fmt: skip
     fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
@@ -330,8 +370,12 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
             raise
 
 
-def _train_locked(cfg, method, model, spec, data, classes, base_hash, device, run_dir, resume):
+def _train_locked(
+    cfg, method, model, spec, data, classes, base_hash, device, run_dir, resume, src_dir=None
+):
     tc = cfg.train
+    src_dir = src_dir or run_dir  # where a resume reads from (differs on DDP ranks > 0)
+    main, world = distributed.is_main(), distributed.world_size()
     resolved = {
         "backbone": to_dict(cfg.backbone),
         "data": to_dict(cfg.data),
@@ -342,9 +386,9 @@ def _train_locked(cfg, method, model, spec, data, classes, base_hash, device, ru
         "base_hash": base_hash,
         "environment": environment(),
     }
-    state = load_latest_checkpoint(run_dir) if resume else None
+    state = load_latest_checkpoint(src_dir) if resume else None
     if resume:
-        saved = load_run_config(run_dir)
+        saved = load_run_config(src_dir)
         if saved.get("base_hash") != base_hash:
             raise ValueError(
                 f"cannot resume {run_dir}: its base backbone weights differ from the loaded ones"
@@ -376,15 +420,14 @@ def _train_locked(cfg, method, model, spec, data, classes, base_hash, device, ru
     # The method's data-driven choices (e.g. SH-PEFT's selection) are saved once and reused on
     # resume, never re-estimated.
     method_state_path = run_dir / "method_state.safetensors"
-    saved_state = (
-        load_file(str(method_state_path)) if resume and method_state_path.is_file() else None
-    )
+    saved_path = src_dir / "method_state.safetensors"
+    saved_state = load_file(str(saved_path)) if resume and saved_path.is_file() else None
     ctx = PrepareContext(
         importance_loader=importance_loader,
         fit_head=fit_head,
         device=device,
         run_dir=run_dir,
-        progress=tc.progress,
+        progress=tc.progress and main,
         saved_state=saved_state,
     )
     n_backbone = backbone_size(model)
@@ -455,7 +498,25 @@ def _train_locked(cfg, method, model, spec, data, classes, base_hash, device, ru
     eval_every = tc.eval_every or max(1, tc.iterations // 10)
     ckpt_every = tc.checkpoint_every or eval_every
     sampler = IterationBatchSampler(len(data.train), tc.batch_size, tc.seed, start, tc.iterations)
-    loader = DataLoader(data.train, batch_sampler=sampler, num_workers=nw)
+    # --- DDP: one equal slice of every global batch per rank; DDP averages the gradients, which
+    # equals the gradient of the whole batch's mean loss. Single process: net is model.
+    net: nn.Module = model
+    batch_sampler: Sampler[list[int]] = sampler
+    if world > 1:
+        if sampler.bs % world:
+            raise ValueError(
+                f"batch size {sampler.bs} must be divisible by the number of processes {world}"
+            )
+        batch_sampler = RankSlice(sampler, distributed.rank(), world)
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # no running statistics in a ViT; plans are buffers
+            static_graph=True,  # the same trainable tensors are used at every step
+        )
+    amp = autocast_dtype(tc.precision, device)
+    # --- end DDP
+    loader = DataLoader(data.train, batch_sampler=batch_sampler, num_workers=nw)
     model.train()
     t_start, seen = time.perf_counter(), 0
     bar = tqdm(
@@ -463,19 +524,29 @@ def _train_locked(cfg, method, model, spec, data, classes, base_hash, device, ru
         total=len(sampler),
         initial=0,
         desc=f"train {method.name}",
-        disable=not tc.progress,
+        disable=not (tc.progress and main),
         dynamic_ncols=True,
     )
     for it, (x, y) in bar:
-        x = augment_batch(x.to(device, non_blocking=True), cfg.data.augment, tc.seed, it)
+        x = x.to(device, non_blocking=True)
+        if world > 1:  # this rank's slice of the global batch's augmentation draws
+            off = distributed.rank() * x.shape[0]
+            x = augment_batch(x, cfg.data.augment, tc.seed, it, offset=off, total=sampler.bs)
+        else:
+            x = augment_batch(x, cfg.data.augment, tc.seed, it)
         y = y.to(device, non_blocking=True)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+            loss = F.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
-        if finite:
+        if world > 1:
+            # one verdict for all ranks, and every rank joins DDP's gradient all-reduce (a
+            # skipped backward on one rank would stall the others); the step is skipped below
+            finite = distributed.all_true(finite, device)
+        if finite or world > 1:
             loss.backward()
             # one reduction, one sync: any NaN/Inf gradient makes the sum non-finite
-            finite = bool(
+            finite = finite and bool(
                 torch.isfinite(sum(p.grad.float().sum() for p in trainable if p.grad is not None))
             )
         if finite:
@@ -490,20 +561,20 @@ def _train_locked(cfg, method, model, spec, data, classes, base_hash, device, ru
                 "or rerun with --skip-nonfinite or a lower --lr"
             )
         sched.step()
-        seen += x.shape[0]
+        seen += x.shape[0] * world
         if it % 10 == 0 or it == tc.iterations:
             rate = seen / (time.perf_counter() - t_start)
             lr = sched.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
             log_row({"iteration": it, "loss": loss.item(), "lr": lr, "img_per_s": rate})
-        if val_loader is not None and (it % eval_every == 0 or it == tc.iterations):
+        if main and val_loader is not None and (it % eval_every == 0 or it == tc.iterations):
             m = evaluate(model, val_loader, classes, device)
             log_row({"iteration": it, "val": {k: m[k] for k in ("macro_f1", "accuracy", "auc")}})
             if m["macro_f1"] > best["macro_f1"]:
                 best = {"macro_f1": m["macro_f1"], "iteration": it, "val": m}
                 best_state = [p.detach().cpu().clone() for p in trainable]
             model.train()
-        if it % ckpt_every == 0 or it == tc.iterations:
+        if main and (it % ckpt_every == 0 or it == tc.iterations):
             checkpoint(it)
     train_s = time.perf_counter() - t_start
     if best_state is not None:  # restore the best validation state before export and test
@@ -538,7 +609,7 @@ def _train_locked(cfg, method, model, spec, data, classes, base_hash, device, ru
         "delta_bytes": delta_path.stat().st_size,
         "val": best.get("val"),
     }
-    if test_loader is not None:
+    if main and test_loader is not None:
         metrics["test"] = evaluate(model, test_loader, classes, device)
         save_confusion_matrix_png(
             metrics["test"]["confusion_matrix"],
@@ -549,6 +620,28 @@ def _train_locked(cfg, method, model, spec, data, classes, base_hash, device, ru
         log.info("test:\n%s", format_metrics(metrics["test"]))
     _write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+class RankSlice(Sampler[list[int]]):
+    """Rank ``rank``'s equal, contiguous share of every batch of ``sampler`` (DDP)."""
+
+    def __init__(self, sampler: IterationBatchSampler, rank: int, world: int) -> None:
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.sampler:
+            per = len(batch) // self.world
+            yield batch[self.rank * per : (self.rank + 1) * per]
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 for ``bf16`` (and ``auto`` on CUDA), None (float32, no autocast) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
