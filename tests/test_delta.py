@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -137,3 +139,61 @@ def test_any_modified_byte_of_the_data_is_detected(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(DeltaError, match="checksum"):
         Delta.load(path)
+
+
+def _v2(tmp_path, tensors, layout, shpeft="{}"):
+    meta = {
+        "format": "shpeft-delta",
+        "format_version": "2",
+        "sparse_layout": layout,
+        "shpeft": shpeft,
+    }
+    meta["sha256"] = content_hash(tensors, shpeft + layout)
+    path = tmp_path / "v2.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    "layout, match",
+    [
+        ('[["a", 2], ["b", 2]]', "counts 4 scalars"),
+        ('[["a", 2], ["a", 1]]', "twice"),
+        ('[["a", -1], ["b", 4]]', "count >= 0"),
+        ('{"a": 3}', "list of"),
+        ("[[", "not valid JSON"),
+        ("[]", "without a layout"),
+    ],
+)
+def test_packed_layout_errors(tmp_path, layout, match):
+    tensors = {
+        "sparse/indices": torch.tensor([0, 1, 2], dtype=torch.int32),
+        "sparse/values": torch.ones(3),
+    }
+    with pytest.raises(DeltaError, match=match):
+        Delta.load(_v2(tmp_path, tensors, layout))
+
+
+def test_packed_file_is_8_bytes_per_scalar_plus_a_small_header(tmp_path):
+    _, delta = trained_delta()
+    path = delta.save(tmp_path / "d.safetensors")
+    payload = 8 * delta.num_sparse + 4 * delta.num_dense
+    assert path.stat().st_size - payload <= 1024 + 45 * len(delta.sparse)
+    loaded = Delta.load(path)
+    assert list(loaded.sparse) == list(delta.sparse)  # order kept: it is the optimizer's order
+
+
+def test_version_1_files_still_load(tmp_path):
+    _, delta = trained_delta()
+    tensors = delta.tensors()  # the per-tensor (v1) mapping
+    shpeft = json.dumps(delta.meta, sort_keys=True)
+    meta = {
+        "format": "shpeft-delta",
+        "format_version": "1",
+        "shpeft": shpeft,
+        "sha256": content_hash(tensors, shpeft),
+    }
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=meta)
+    loaded = Delta.load(tmp_path / "v1.safetensors")
+    for k, t in delta.tensors().items():
+        assert torch.equal(loaded.tensors()[k], t)

@@ -126,7 +126,11 @@ def test_torchrun_two_processes_match_single_process(tmp_path, shared_data, vit_
     m2 = load_file(str(ddp / "method_state.safetensors"))
     assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
     # the delta: same indices, values equal up to float summation order
-    d1, d2 = load_file(str(single / "delta.safetensors")), load_file(str(ddp / "delta.safetensors"))
+    from shpeft.delta import Delta
+
+    # per-tensor view (sparse/<name>/indices|values, dense/<name>) of the packed files
+    d1 = Delta.load(single / "delta.safetensors").tensors()
+    d2 = Delta.load(ddp / "delta.safetensors").tensors()
     assert d1.keys() == d2.keys()
     for k in d1:
         if k.endswith("/indices"):
