@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import sys
@@ -69,8 +70,6 @@ def _add_train_parser(sub) -> None:
     add_dataclass_arguments(p, TrainConfig, "training")
     seen: set[str] = set()
     for name, cfg_cls in _method_configs().items():
-        import dataclasses
-
         fields = [f.name for f in dataclasses.fields(cfg_cls)]
         if not fields:
             continue

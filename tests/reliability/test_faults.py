@@ -13,7 +13,12 @@ import pytest
 import shpeft.checkpoint as checkpoint_mod
 from shpeft.checkpoint import checkpoint_paths
 from shpeft.training import resume_run, train
-from tests.reliability.test_resume import assert_same_delta, reference, run_config  # noqa: F401
+from tests.reliability.test_resume import (  # noqa: F401  (reference: a fixture)
+    assert_same_delta,
+    cli_args,
+    reference,
+    run_config,
+)
 
 KILL_IN_WRITE = r"""
 import io, os, signal, sys, torch
@@ -41,36 +46,7 @@ sys.exit(main(sys.argv[1:]))
 def test_kill_while_writing_a_checkpoint(reference, tmp_path, die_at):  # noqa: F811
     model_dir, data, ref = reference
     out = tmp_path / "run"
-    args = [
-        "-q",
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--iterations",
-        "24",
-        "--batch-size",
-        "16",
-        "--lr",
-        "0.05",
-        "--eval-every",
-        "6",
-        "--checkpoint-every",
-        "4",
-        "--no-progress",
-        "--threads",
-        "1",
-        "--ratio",
-        "0.02",
-        "--importance-batches",
-        "3",
-        "--augment",
-        "flip",
-        "--allow-leakage",
-    ]
+    args = cli_args(model_dir, data, out)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), DIE_AT=str(die_at))
     proc = subprocess.run(
         [sys.executable, "-c", KILL_IN_WRITE, *args], env=env, capture_output=True

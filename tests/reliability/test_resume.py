@@ -44,6 +44,16 @@ def run_config(
     )
 
 
+def cli_args(model_dir: Path, data: Path, out: Path) -> list[str]:
+    """The CLI form of :func:`run_config` (the same run, for subprocess tests)."""
+    return [
+        "-q", "train", "--model", str(model_dir), "--data", str(data), "--out", str(out),
+        "--iterations", "24", "--batch-size", "16", "--lr", "0.05", "--eval-every", "6",
+        "--checkpoint-every", "4", "--no-progress", "--threads", "1", "--ratio", "0.02",
+        "--importance-batches", "3", "--augment", "flip", "--allow-leakage",
+    ]  # fmt: skip
+
+
 def assert_same_delta(a: Path, b: Path) -> None:
     da, db = Delta.load(a / "delta.safetensors"), Delta.load(b / "delta.safetensors")
     assert da.meta == db.meta
@@ -161,39 +171,7 @@ def test_sigkill_at_random_points_then_resume(reference, tmp_path, seed):
 
     model_dir, data, ref = reference
     out = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-c",
-        KILL_SCRIPT,
-        "-q",
-        "train",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--iterations",
-        "24",
-        "--batch-size",
-        "16",
-        "--lr",
-        "0.05",
-        "--eval-every",
-        "6",
-        "--checkpoint-every",
-        "4",
-        "--no-progress",
-        "--threads",
-        "1",
-        "--ratio",
-        "0.02",
-        "--importance-batches",
-        "3",
-        "--augment",
-        "flip",
-        "--allow-leakage",
-    ]
+    args = [sys.executable, "-c", KILL_SCRIPT, *cli_args(model_dir, data, out)]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     rng = random.Random(seed)
