@@ -35,7 +35,7 @@ from shpeft import __version__, distributed
 from shpeft.backbones import BackboneConfig, create_model, hash_backbone, make_head
 from shpeft.checkpoint import RunLock, checkpoint_paths, load_latest_checkpoint, save_checkpoint
 from shpeft.config import from_dict, to_dict
-from shpeft.data import DataConfig, check_leakage_cheap, load_data
+from shpeft.data import DataConfig, check_leakage_cheap, load_data, load_eval_data
 from shpeft.delta import atomic_save_safetensors
 from shpeft.evaluate import evaluate, format_metrics, save_confusion_matrix_png
 from shpeft.methods import Method, MethodConfig, PrepareContext, get_method
@@ -83,6 +83,13 @@ class TrainConfig:
     skip_nonfinite: bool = field(
         default=False,
         metadata={"help": "skip batches whose loss or gradient is not finite instead of stopping"},
+    )
+    eval_test: bool = field(
+        default=True,
+        metadata={
+            "help": "evaluate the test split at the end (off: the test split is not read; "
+            "`shpeft.training.evaluate_test` can do it later, e.g. for the lr search's runs)"
+        },
     )
     precision: str = field(
         default="auto",
@@ -609,16 +616,60 @@ def _train_locked(
         "delta_bytes": delta_path.stat().st_size,
         "val": best.get("val"),
     }
-    if main and test_loader is not None:
+    if main and test_loader is not None and not tc.eval_test:
+        metrics["test_skipped"] = True  # read later, once, by evaluate_test() if at all
+    elif main and test_loader is not None:
         metrics["test"] = evaluate(model, test_loader, classes, device)
-        save_confusion_matrix_png(
-            metrics["test"]["confusion_matrix"],
-            classes,
-            run_dir / "confusion_matrix_test.png",
-            title=f"{method.name}: test",
-        )
-        log.info("test:\n%s", format_metrics(metrics["test"]))
+        _save_test_confusion(metrics["test"], classes, run_dir, method.name)
     _write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _save_test_confusion(test: dict[str, Any], classes, run_dir: Path, name: str) -> None:
+    save_confusion_matrix_png(
+        test["confusion_matrix"], classes, run_dir / "confusion_matrix_test.png",
+        title=f"{name}: test",
+    )  # fmt: skip
+    log.info("test:\n%s", format_metrics(test))
+
+
+def evaluate_test(
+    run_dir: str | os.PathLike, *, device: str = "cpu", batch_size: int | None = None
+) -> dict[str, Any]:
+    """Evaluate a finished run trained with ``eval_test=False`` on its test split, once.
+
+    The test samples are exactly those of the run's ``split.json`` and the model is the exported
+    (best-validation) state in ``delta.safetensors``, the same state ``train`` would have tested.
+    ``metrics.json`` gains ``test`` (and loses ``test_skipped``); the updated metrics are returned.
+
+    Raises:
+        ValueError: the run already has test metrics (the test split is read once per run).
+        FileNotFoundError: not a finished run directory.
+    """
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run (no metrics.json)")
+    metrics = json.loads(metrics_path.read_text())
+    if metrics.get("test") is not None:
+        raise ValueError(f"{run_dir} already has test metrics; the test split is read once")
+    model, classes, spec, conf = load_run(run_dir, device=device)
+    ds = load_eval_data(
+        conf["data"]["data"],
+        image_size=spec.image_size,
+        mean=spec.mean,
+        std=spec.std,
+        classes=classes,
+        data_format=conf["data"].get("data_format", "auto"),
+        split="test",
+        interpolation=spec.interpolation,
+        split_record=json.loads((run_dir / "split.json").read_text()),
+    )
+    loader = make_loader(ds, batch_size or conf["train"]["batch_size"], seed=0, shuffle=False)
+    metrics["test"] = evaluate(model, loader, classes, next(model.parameters()).device)
+    metrics.pop("test_skipped", None)
+    _save_test_confusion(metrics["test"], classes, run_dir, conf["train"]["method"])
+    _write_json(metrics_path, metrics)
     return metrics
 
 

@@ -181,3 +181,61 @@ def test_cli_subcommands(micro, tmp_path, capsys):
     assert "Where the selected scalars are" in capsys.readouterr().out
     args = parser.parse_args(["bench", "cfg.json", "--workers", "2"])
     assert args.func is commands["bench"] and args.workers == 2
+
+
+def test_lr_search_never_reads_test_and_the_reused_run_is_tested_once(tmp_path):
+    from tests.conftest import SHARED_DATA, SHARED_MODELS
+
+    if not (SHARED_MODELS / "vit_pico").exists():
+        pytest.skip("../shared is absent")
+    from shpeft.backbones import BackboneConfig
+    from shpeft.config import from_dict
+    from shpeft.data import DataConfig
+    from shpeft.methods import get_method
+    from shpeft.training import RunConfig, TrainConfig, evaluate_test, train
+
+    torch.set_num_threads(1)
+    data = {"data": str(SHARED_DATA / "breastmnist" / "breastmnist.npz"), "allow_leakage": True}
+    raw = {
+        "name": "search",
+        "backbone": {"model": str(SHARED_MODELS / "vit_pico")},
+        "datasets": {"breastmnist": data},
+        "methods": ["linear"],
+        "seeds": [0, 1],
+        "train": {"iterations": 3, "batch_size": 16, "eval_every": 3},
+        "lr_search": {"lrs": [0.05, 0.5], "iterations": 3, "seed": 0},
+    }
+    grid = G.parse_grid(raw)
+    out = tmp_path / "grid"
+    G.run_grid(grid, out, workers=1, threads=1, device="cpu", stages=("search",))
+    for spec in G.search_specs(grid):
+        d = spec.run_dir(out)
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert "test" not in metrics and metrics["test_skipped"] is True
+        assert not (d / "confusion_matrix_test.png").exists()
+        assert "test" not in json.loads((d / "result.json").read_text())["metrics"]
+    status = G.run_grid(grid, out, workers=1, threads=1, device="cpu")
+    assert status["statuses"] == {"done": 2, "tested": 1, "ran": 1}
+    chosen = G.chosen_lrs(grid, out)[("breastmnist", "linear")]
+    for spec in G.search_specs(grid):  # only the reused (chosen, seed 0) run saw the test split
+        result = json.loads((spec.run_dir(out) / "result.json").read_text())
+        assert ("test" in result["metrics"]) == (spec.lr == chosen)
+    reused = next(s for s in G.search_specs(grid) if s.lr == chosen).run_dir(out)
+    with pytest.raises(ValueError, match="once"):
+        evaluate_test(reused)
+    assert G.run_grid(grid, out, workers=1, threads=1, device="cpu")["statuses"] == {"done": 4}
+
+    # The deferred test evaluation equals the one train() does at the end of the same run.
+    conf = json.loads((reused / "config.json").read_text())
+    direct = tmp_path / "direct"
+    cfg = RunConfig(
+        backbone=from_dict(BackboneConfig, conf["backbone"]),
+        data=from_dict(DataConfig, conf["data"]),
+        train=from_dict(TrainConfig, {**conf["train"], "out": str(direct), "eval_test": True}),
+        method=get_method("linear").config_cls(),
+    )
+    want = train(cfg)["test"]
+    got = json.loads((reused / "metrics.json").read_text())["test"]
+    assert got["confusion_matrix"] == want["confusion_matrix"]
+    for key in ("macro_f1", "accuracy", "auc"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6)

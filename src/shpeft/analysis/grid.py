@@ -29,12 +29,15 @@ placeholder the user edits).
 Stages, each a list of runs:
 
 1. ``search``: for each (dataset, method) and each lr of ``lr_search.lrs``: one run on
-   ``lr_search.seed`` for ``lr_search.iterations``. The lr with the best **validation** macro F1
-   is chosen (the test split is never read for it); choices go to ``lr_choice_<name>.json``.
+   ``lr_search.seed`` for ``lr_search.iterations``, trained with ``eval_test=False``: the test
+   split is not read at all. The lr with the best **validation** macro F1 is chosen; choices go
+   to ``lr_choice_<name>.json``.
    ``lr_search.methods`` limits the search to some variants; another variant of the same method
    (an ablation) then uses their choice.
 2. ``final``: every (dataset, method, seed) at its chosen lr (the "tuned" setting). When the
-   search uses the final iterations and a final seed, its runs are reused, not repeated.
+   search uses the final iterations and a final seed, its run at the chosen lr is reused, not
+   repeated: it is then evaluated on the test split (once, from its exported best-validation
+   state, :func:`shpeft.training.evaluate_test`); the other lrs' runs never see the test split.
 3. ``shared``: every (dataset, method, seed) at ``shared_lr`` (the paper's one setting).
 4. ``budgets``: for each method in ``budgets``, every budget value and seed (``budget_seeds``,
    default ``seeds``) at the tuned lr (Fig. 4).
@@ -546,8 +549,20 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def job_payload(grid: GridConfig, spec: RunSpec, out: Path, *, threads: int, device: str) -> dict:
-    """Everything a worker needs, as plain data (picklable for a spawned process)."""
+def job_payload(
+    grid: GridConfig,
+    spec: RunSpec,
+    out: Path,
+    *,
+    threads: int,
+    device: str,
+    eval_test: bool = True,
+) -> dict:
+    """Everything a worker needs, as plain data (picklable for a spawned process).
+
+    ``eval_test=False`` (the lr search) trains without reading the test split; a later job for the
+    same run with ``eval_test=True`` (a final run reusing it) adds the test metrics once.
+    """
     variant = grid.variant(spec.variant)
     method_config = dict(variant.config)
     if spec.budget_field is not None:
@@ -563,6 +578,7 @@ def job_payload(grid: GridConfig, spec: RunSpec, out: Path, *, threads: int, dev
         "device": device,
         "progress": False,
         "overwrite": True,  # only ever reached with the claim held and no result.json
+        "eval_test": eval_test,
     }
     return {
         "spec": asdict(spec),
@@ -584,14 +600,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         ``{"run_id", "status"}`` with status ``done`` (already finished), ``ran``, ``resumed``,
-        ``recovered`` (metrics existed, result.json rebuilt), ``busy`` (claimed by another
-        process) or ``failed`` (the error is in ``OUT/failures/<run>.json``).
+        ``recovered`` (metrics existed, result.json rebuilt), ``tested`` (a finished run trained
+        without the test split got its test metrics), ``busy`` (claimed by another process) or
+        ``failed`` (the error is in ``OUT/failures/<run>.json``).
     """
     from shpeft.checkpoint import RunLock
 
     run_dir = Path(job["run_dir"])
     status = {"run_id": job["run_id"]}
-    if (run_dir / "result.json").is_file():
+    if _finished(job):
         return {**status, "status": "done"}
     lock = RunLock(Path(job["claim_dir"]))
     try:
@@ -599,8 +616,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     except FileExistsError:
         return {**status, "status": "busy"}
     try:
-        if (run_dir / "result.json").is_file():  # finished while we were getting here
+        if _finished(job):  # finished while we were getting here
             return {**status, "status": "done"}
+        if (run_dir / "result.json").is_file():
+            return {**status, "status": _add_test(job)}
         return {**status, "status": _run_claimed(job)}
     except Exception as e:  # one broken run must not stop the grid; it is retried next time
         fail = Path(job["out"]) / "failures" / (job["run_id"].replace("/", "__") + ".json")
@@ -616,6 +635,33 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return {**status, "status": "failed", "error": f"{type(e).__name__}: {e}"}
     finally:
         lock.__exit__()
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    """result.json exists and holds what the job asks for (test metrics unless eval_test=False)."""
+    path = Path(job["run_dir"]) / "result.json"
+    if not path.is_file():
+        return False
+    if not job["train"].get("eval_test", True):
+        return True
+    try:
+        return not (json.loads(path.read_text()).get("metrics") or {}).get("test_skipped")
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def _add_test(job: dict[str, Any]) -> str:
+    """Evaluate a finished search run on the test split (it has become a final run)."""
+    from shpeft.training import evaluate_test
+
+    run_dir = Path(job["run_dir"])
+    result = json.loads((run_dir / "result.json").read_text())
+    t0 = time.perf_counter()
+    result["metrics"] = evaluate_test(run_dir, device=job["train"]["device"])
+    result["test_eval_s"] = time.perf_counter() - t0
+    result["test_evaluated"] = "after the lr search, from the exported best-validation state"
+    _write_json(run_dir / "result.json", result)
+    return "tested"
 
 
 def _run_claimed(job: dict[str, Any]) -> str:
@@ -812,12 +858,15 @@ def run_grid(
         if st["status"] != "done":
             log.info("%-9s %s", st["status"], st["run_id"])
 
-    def execute(specs: list[RunSpec]) -> None:
-        jobs = [job_payload(grid, s, out, threads=threads, device=device) for s in unique(specs)]
+    def execute(specs: list[RunSpec], eval_test: bool = True) -> None:
+        jobs = [
+            job_payload(grid, s, out, threads=threads, device=device, eval_test=eval_test)
+            for s in unique(specs)
+        ]
         run_jobs(jobs, workers=workers, poll_s=poll_s, on_status=note)
 
     if "search" in stages and grid.lr_search is not None:
-        execute(search_specs(grid))
+        execute(search_specs(grid), eval_test=False)
     if grid.lr_search is not None:
         write_lr_choices(grid, out)
     choices = chosen_lrs(grid, out)
