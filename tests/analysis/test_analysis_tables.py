@@ -76,7 +76,10 @@ def populate(out: Path, g: G.GridConfig) -> None:
                 "val": {"macro_f1": 0.0},
                 "test": {"macro_f1": f1, "accuracy": f1 + 0.05, "auc": None},
             },
-            "trainable": {"backbone_trainable_pct": pct},
+            "trainable": {"backbone_trainable_pct": pct, "backbone_trainable": 1000 * pct},
+            "cpu_s": 10.0 + spec.seed,
+            "delta_bytes": 2048 * (1 + spec.seed),
+            "peak_rss_mb": 600.0,
         }
         (d / "result.json").write_text(json.dumps(result))
 
@@ -163,6 +166,24 @@ def test_summary_files_markdown_csv_ablations_and_fig4(tmp_path):
     assert "full" not in {p["method"] for p in pts}  # "other" missing: no average
     png = dest / "fig4_budgets.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cost_table_and_runs_csv(tmp_path):
+    g = config()
+    populate(tmp_path, g)
+    T.write_summary(g, tmp_path)
+    dest = tmp_path / "summary_syn"
+    cost = (dest / "cost_fixed.md").read_text()
+    # linear: 5 finished runs (seeds 0,1 on busi; 0,1,2 on other): CPU (10+11+10+11+12)/5 s,
+    # delta (2+4+2+4+6)/5 KB
+    assert "| Linear probe | 5 | 0 | 0 | 3.6 | 10.8 | - | 600 |" in cost
+    # budget sweeps are not Table 1's cost; shpeft's 6 final runs only
+    assert "| SH-PEFT (ratio=0.01) | 6 | 1,000 | 1 | 4.0 | 11.0 | - | 600 |" in cost
+    with open(dest / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(T.load_results(tmp_path))
+    row = next(r for r in rows if r["run_id"] == "busi/full/lr0.01-it5-s1")
+    assert float(row["test_macro_f1"]) == 0.72 and row["cpu_s"] == "11.0"
 
 
 def test_stat_edge_cases():

@@ -431,6 +431,89 @@ def plot_budgets(points: list[dict[str, Any]], path: Path, title: str) -> Path:
 # Everything together
 
 
+RUN_FIELDS = (
+    "run_id", "dataset", "variant", "method", "budget_field", "budget", "lr", "iterations", "seed",
+    "backbone_trainable", "backbone_trainable_pct", "val_macro_f1", "test_macro_f1",
+    "test_accuracy", "test_auc", "best_iteration", "wall_s", "cpu_s", "train_s", "prepare_s",
+    "peak_rss_mb", "peak_cuda_mb", "delta_bytes", "git_commit", "finished_at",
+)  # fmt: skip
+
+
+def run_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per finished run (every stage), the grid's raw data in one CSV."""
+    rows = []
+    for run_id, r in sorted(results.items()):
+        m = r.get("metrics") or {}
+        val, test, tr = m.get("val") or {}, m.get("test") or {}, r.get("trainable") or {}
+        row = {k: r.get(k) for k in RUN_FIELDS}
+        row.update(
+            run_id=run_id,
+            backbone_trainable=tr.get("backbone_trainable"),
+            backbone_trainable_pct=tr.get("backbone_trainable_pct"),
+            val_macro_f1=val.get("macro_f1"),
+            test_macro_f1=test.get("macro_f1"),
+            test_accuracy=test.get("accuracy"),
+            test_auc=test.get("auc"),
+            best_iteration=m.get("best_iteration"),
+            git_commit=(r.get("environment") or {}).get("git_commit"),
+        )
+        rows.append(row)
+    return rows
+
+
+def write_runs_csv(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(RUN_FIELDS))
+        w.writeheader()
+        w.writerows(run_rows(results))
+    return path
+
+
+def cost_markdown(
+    grid: GridConfig, results: dict[str, dict[str, Any]], specs: Sequence[RunSpec], desc: str
+) -> str:
+    """What each method's Table 1 runs cost: trainable scalars, delta file, time, memory."""
+
+    def mean(xs: list[float]) -> float | None:
+        xs = [float(x) for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    per: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs:
+        r = results.get(spec.run_id)
+        if r and spec.budget == default_budget(grid.variant(spec.variant))[1]:
+            per.setdefault(spec.variant, []).append(r)
+    lines = [
+        f"### Cost per run, {desc}",
+        "",
+        "Means over the finished runs of every dataset and seed. CPU s: the run's process CPU "
+        "time (what it costs on an idle core; includes importance estimation, validation and "
+        "test). Peak RSS: the run's own process (a fresh process per run).",
+        "",
+        "| method | runs | trainable backbone scalars | % | delta KB | CPU s | wall s "
+        "| peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ordered_variants(grid):
+        rs = per.get(name, [])
+        if not rs:
+            continue
+        tr = [r.get("trainable") or {} for r in rs]
+        vals = {
+            "n": mean([t.get("backbone_trainable") for t in tr]),
+            "pct": mean([t.get("backbone_trainable_pct") for t in tr]),
+            "kb": mean([(r.get("delta_bytes") or 0) / 1024 for r in rs]),
+            "cpu": mean([r.get("cpu_s") for r in rs]),
+            "wall": mean([r.get("wall_s") for r in rs]),
+            "rss": mean([r.get("peak_rss_mb") for r in rs]),
+        }
+        fmt = {"n": "{:,.0f}", "pct": "{:.3g}", "kb": "{:.1f}", "cpu": "{:.1f}", "wall": "{:.1f}",
+               "rss": "{:.0f}"}  # fmt: skip
+        cells = ["-" if v is None else fmt[k].format(v) for k, v in vals.items()]
+        lines.append(f"| {row_label(grid, name)} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def protocol_text(grid: GridConfig) -> str:
     t = grid.train
     b = grid.backbone
@@ -556,6 +639,10 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
             (dest / f"{name}_{key}.md").write_text(md)
             files.append(str(dest / f"{name}_{key}.md"))
             parts.append(md)
+        cost = cost_markdown(grid, results, specs, desc)
+        (dest / f"cost_{key}.md").write_text(cost)
+        files.append(str(dest / f"cost_{key}.md"))
+        parts.append(cost)
     lr_md = lr_choice_markdown(grid, out)
     if lr_md:
         (dest / "lr_choice.md").write_text(lr_md)
@@ -585,6 +672,7 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
         )
         files += [str(dest / "fig4_budgets.csv"), str(png)]
         parts.append(f"### Fig. 4 layout\n\n![macro F1 vs trainable %]({png.name})\n")
+    files.append(str(write_runs_csv(results, dest / "runs.csv")))
     parts.append(paper_table1_markdown())
     md = "\n".join(parts)
     (dest / "summary.md").write_text(md)
