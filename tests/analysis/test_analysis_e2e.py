@@ -239,3 +239,27 @@ def test_lr_search_never_reads_test_and_the_reused_run_is_tested_once(tmp_path):
     assert got["confusion_matrix"] == want["confusion_matrix"]
     for key in ("macro_f1", "accuracy", "auc"):
         assert got[key] == pytest.approx(want[key], abs=1e-6)
+
+
+def test_paper_analyses_script_on_the_micro_grid(micro, tmp_path):
+    import subprocess
+    import sys
+
+    grid, out, _ = micro
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps(grid.raw))
+    dest = tmp_path / "analyses"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "paper_analyses.py"), str(config),
+         "--out", str(out), "--dest", str(dest)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    md = (dest / "analyses.md").read_text()
+    # both seeds' full fine-tuning runs grafted; seed 1 is the same-task reference of hybridity
+    assert (dest / "sparsity" / "breastmnist-s0" / "sparsity.png").is_file()
+    assert (dest / "sparsity" / "breastmnist-s1" / "sparsity.csv").is_file()
+    assert "| 100 | 100.0 ± 0.0 | 100.0 |" in md
+    assert "breastmnist:s1" in (dest / "hybridity_full_delta" / "hybridity.md").read_text()
+    assert (dest / "locations" / "breastmnist" / "locations.png").read_bytes()[:8] == PNG

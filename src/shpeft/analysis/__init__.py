@@ -151,12 +151,19 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``shpeft bench``: run (or plan, or summarise) a grid; print Table 1."""
-    from shpeft.analysis.grid import STAGES, load_grid, planned_specs, run_grid, unique
+    from shpeft.analysis.grid import (
+        STAGES,
+        default_out,
+        load_grid,
+        planned_specs,
+        run_grid,
+        unique,
+    )
     from shpeft.analysis.tables import write_summary
 
     grid = load_grid(args.config, protocol=args.protocol)
     # runs of different protocols never share a folder (their run ids would collide)
-    out = Path(args.out or f"{grid.raw.get('out') or f'runs/bench/{grid.name}'}-{grid.protocol}")
+    out = Path(args.out) if args.out else default_out(grid)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = set(stages) - set(STAGES)
     if bad:

@@ -885,6 +885,12 @@ def run_grid(
     }
 
 
+def default_out(grid: GridConfig) -> Path:
+    """The grid's output folder when none is given: the config's ``out`` (or ``runs/bench/NAME``)
+    with ``-<protocol>`` appended, relative to the working directory."""
+    return Path(f"{grid.raw.get('out') or f'runs/bench/{grid.name}'}-{grid.protocol}")
+
+
 def planned_specs(grid: GridConfig, out: Path) -> dict[str, list[RunSpec]]:
     """Every stage's runs given what is known now (finals wait for the search's choices)."""
     choices = chosen_lrs(grid, out)
