@@ -163,6 +163,13 @@ def test_summary_files_markdown_csv_ablations_and_fig4(tmp_path):
         pts = list(csv.DictReader(f))
     shpeft_pts = sorted(float(p["trainable_pct"]) for p in pts if p["method"] == "shpeft")
     assert shpeft_pts == pytest.approx([0.1, 1.0])
+    # the default budget's runs are final and budget runs at once: each counted once
+    default = next(p for p in pts if p["method"] == "shpeft" and float(p["budget"]) == 0.01)
+    assert default["runs"] == "6"
+    want = statistics.mean(
+        statistics.mean(100 * v for v in F1[("shpeft", ds)]) for ds in ("busi", "other")
+    )
+    assert float(default["avg_macro_f1"]) == pytest.approx(want)
     assert "full" not in {p["method"] for p in pts}  # "other" missing: no average
     png = dest / "fig4_budgets.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -32,6 +32,7 @@ from shpeft.analysis.grid import (
     final_specs,
     lr_choices,
     shared_specs,
+    unique,
 )
 
 METRICS = {"f1": ("macro_f1", "macro F1"), "acc": ("accuracy", "accuracy"), "auc": ("auc", "AUC")}
@@ -358,10 +359,11 @@ def budget_points(
 ) -> list[dict[str, Any]]:
     """Per (method, budget): mean trainable % and the average over datasets of the seed-mean F1.
 
-    A point needs every dataset to have at least one finished run.
+    A point needs every dataset to have at least one finished run. A run listed twice (the
+    default budget's run is both a final and a budget run) counts once.
     """
     groups: dict[tuple[str, Any], dict[str, Any]] = {}
-    for spec in specs:
+    for spec in unique(specs):
         r = results.get(spec.run_id)
         f1 = test_metric(r, "macro_f1")
         if f1 is None:
