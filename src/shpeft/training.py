@@ -633,6 +633,40 @@ def _save_test_confusion(test: dict[str, Any], classes, run_dir: Path, name: str
     log.info("test:\n%s", format_metrics(test))
 
 
+def run_split_loader(
+    run_dir: str | os.PathLike,
+    conf: dict[str, Any],
+    spec,
+    split: str,
+    batch_size: int | None = None,
+) -> DataLoader:
+    """One split of a run's own data, exactly the ids its ``split.json`` records, in fixed order.
+
+    Only that split is read and decoded. ``batch_size`` defaults to the run's training batch size.
+    """
+    record = Path(run_dir) / "split.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"{run_dir} has no split.json: its {split} split is unknown")
+    ds = load_eval_data(
+        conf["data"]["data"],
+        image_size=spec.image_size,
+        mean=spec.mean,
+        std=spec.std,
+        classes=list(conf["classes"]),
+        data_format=conf["data"].get("data_format", "auto"),
+        split=split,
+        interpolation=spec.interpolation,
+        split_record=json.loads(record.read_text()),
+    )
+    return make_loader(
+        ds,
+        batch_size or conf["train"]["batch_size"],
+        seed=0,
+        shuffle=False,
+        num_workers=conf["data"].get("num_workers", 0),
+    )
+
+
 def evaluate_test(
     run_dir: str | os.PathLike, *, device: str = "cpu", batch_size: int | None = None
 ) -> dict[str, Any]:
@@ -654,18 +688,7 @@ def evaluate_test(
     if metrics.get("test") is not None:
         raise ValueError(f"{run_dir} already has test metrics; the test split is read once")
     model, classes, spec, conf = load_run(run_dir, device=device)
-    ds = load_eval_data(
-        conf["data"]["data"],
-        image_size=spec.image_size,
-        mean=spec.mean,
-        std=spec.std,
-        classes=classes,
-        data_format=conf["data"].get("data_format", "auto"),
-        split="test",
-        interpolation=spec.interpolation,
-        split_record=json.loads((run_dir / "split.json").read_text()),
-    )
-    loader = make_loader(ds, batch_size or conf["train"]["batch_size"], seed=0, shuffle=False)
+    loader = run_split_loader(run_dir, conf, spec, "test", batch_size)
     metrics["test"] = evaluate(model, loader, classes, next(model.parameters()).device)
     metrics.pop("test_skipped", None)
     _save_test_confusion(metrics["test"], classes, run_dir, conf["train"]["method"])

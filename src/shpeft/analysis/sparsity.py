@@ -84,33 +84,6 @@ def graft(base: dict[str, Tensor], ft: dict[str, Tensor], k_percent: float) -> d
     return out
 
 
-def eval_loader(run_dir: str | Path, conf: dict[str, Any], spec, split: str, batch_size: int):
-    """The run's own split (replayed from ``split.json``) as a fixed-order loader."""
-    from dataclasses import replace
-
-    from shpeft.config import from_dict
-    from shpeft.data import DataConfig, load_data
-    from shpeft.training import make_loader
-
-    dcfg = from_dict(DataConfig, conf["data"])
-    record = Path(run_dir) / "split.json"
-    dcfg = replace(
-        dcfg, augment="none", split_file=str(record) if record.is_file() else dcfg.split_file
-    )
-    data = load_data(
-        dcfg,
-        image_size=spec.image_size,
-        mean=spec.mean,
-        std=spec.std,
-        interpolation=spec.interpolation,
-        classes=list(conf["classes"]),
-    )
-    ds = {"test": data.test, "val": data.val, "train": data.train}[split]
-    if ds is None:
-        raise ValueError(f"{run_dir}: the run's data has no {split} split")
-    return make_loader(ds, batch_size, seed=0, shuffle=False, num_workers=dcfg.num_workers)
-
-
 @torch.no_grad()
 def run_sparsity(
     run_dir: str | Path,
@@ -128,12 +101,13 @@ def run_sparsity(
     """
     from shpeft.evaluate import evaluate
     from shpeft.importance import eligible_parameters
+    from shpeft.training import run_split_loader
 
     model, base, conf, spec = finetuned_model(run_dir, device=device)
     params = eligible_parameters(model)
     ft = {n: p.detach().clone() for n, p in params.items()}
     # the run's own batch size by default, so that k = 100 repeats its test evaluation exactly
-    loader = eval_loader(run_dir, conf, spec, split, batch_size or conf["train"]["batch_size"])
+    loader = run_split_loader(run_dir, conf, spec, split, batch_size)
     classes = list(conf["classes"])
     n_total = sum(t.numel() for t in base.values())
     rows = []
