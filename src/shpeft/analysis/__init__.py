@@ -30,6 +30,16 @@ from typing import Any
 __all__ = ["add_subcommands", "cmd_analyze", "cmd_bench"]
 
 
+def _add_ks(parser: argparse.ArgumentParser, default: tuple[float, ...]) -> None:
+    parser.add_argument(
+        "--ks",
+        type=float,
+        nargs="+",
+        default=list(default),
+        help=f"k values in %% (default: {' '.join(f'{k:g}' for k in default)})",
+    )
+
+
 def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | None = None) -> None:
     """Add ``bench`` and ``analyze {sparsity,hybridity,locations}`` to the ``shpeft`` CLI.
 
@@ -93,13 +103,7 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
         help="graft the top-k%% of |W_ft - W_ori| into the base and evaluate (Fig. 2 left)",
     )
     q.add_argument("--run", required=True, help="a fine-tuned run (normally --method full)")
-    q.add_argument(
-        "--ks",
-        type=float,
-        nargs="+",
-        default=list(PAPER_SPARSITY_KS),
-        help=f"k values in %% (default: {' '.join(f'{k:g}' for k in PAPER_SPARSITY_KS)})",
-    )
+    _add_ks(q, PAPER_SPARSITY_KS)
     q.add_argument("--split", default="test", choices=("test", "val", "train"))
     q.add_argument("--device", default="cpu")
     q.add_argument("--batch-size", type=int, help="default: the run's training batch size")
@@ -111,13 +115,7 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
         help="overlap of top-k%% |dW| positions (or SH-PEFT masks) between tasks (Fig. 2 right)",
     )
     q.add_argument("--runs", nargs="+", required=True, help="runs on different datasets")
-    q.add_argument(
-        "--ks",
-        type=float,
-        nargs="+",
-        default=list(PAPER_HYBRIDITY_KS),
-        help=f"k values in %% (default: {' '.join(f'{k:g}' for k in PAPER_HYBRIDITY_KS)})",
-    )
+    _add_ks(q, PAPER_HYBRIDITY_KS)
     q.add_argument(
         "--mode",
         default="auto",

@@ -11,8 +11,6 @@ own selected masks (``mode="mask"``), and the shared (selected by every run) and
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from shpeft.analysis.locations import (
     topk_flat,
 )
 from shpeft.analysis.paper import PAPER_HYBRIDITY_KS
+from shpeft.analysis.report import save_figure, write_report
 
 
 def overlap(a: Tensor, b: Tensor) -> float:
@@ -283,30 +282,18 @@ def plot_hybridity(report: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("% of the set", fontsize=8)
         ax.set_title(f"where they lie: {title} ({report['location_source']})", fontsize=9)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def write_hybridity(report: dict[str, Any], dest: str | Path) -> dict[str, str]:
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "hybridity.json").write_text(json.dumps(report, indent=2) + "\n")
-    (dest / "hybridity.md").write_text(hybridity_markdown(report))
-    with open(dest / "hybridity.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["level", "k_percent", "run_a", "run_b", "overlap", "chance"])
-        for lv in report["levels"]:
-            for i, a in enumerate(report["labels"]):
-                for j, b in enumerate(report["labels"]):
-                    w.writerow(
-                        [lv["label"], lv["k_percent"], a, b, lv["matrix"][i][j], lv["chance"][i][j]]
-                    )
-    png = plot_hybridity(report, dest / "hybridity.png")
-    return {
-        "json": str(dest / "hybridity.json"),
-        "markdown": str(dest / "hybridity.md"),
-        "csv": str(dest / "hybridity.csv"),
-        "png": str(png),
-    }
+    labels = report["labels"]
+    rows = (
+        [lv["label"], lv["k_percent"], a, b, lv["matrix"][i][j], lv["chance"][i][j]]
+        for lv in report["levels"]
+        for i, a in enumerate(labels)
+        for j, b in enumerate(labels)
+    )
+    header = ["level", "k_percent", "run_a", "run_b", "overlap", "chance"]
+    return write_report(
+        report, dest, "hybridity", hybridity_markdown(report), plot_hybridity, (header, rows)
+    )

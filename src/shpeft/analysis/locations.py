@@ -12,7 +12,6 @@ embedding, class token, pre-norm) and ``final`` after (final norm, pooling).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shpeft.analysis.report import save_figure, write_report
 from shpeft.methods.shpeft import parameter_kind
 
 KINDS = ("embedding", "qkv", "proj", "fc1", "fc2", "norm", "bias", "other")
@@ -266,20 +266,8 @@ def plot_locations(report: dict[str, Any], path: Path) -> Path:
         f"{report['method']}: {report['source']} ({report['selected_pct']:.3g}% of the backbone)",
         fontsize=10,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def write_locations(report: dict[str, Any], dest: str | Path) -> dict[str, str]:
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "locations.json").write_text(json.dumps(report, indent=2) + "\n")
-    (dest / "locations.md").write_text(locations_markdown(report))
-    png = plot_locations(report, dest / "locations.png")
-    return {
-        "json": str(dest / "locations.json"),
-        "markdown": str(dest / "locations.md"),
-        "png": str(png),
-    }
+    return write_report(report, dest, "locations", locations_markdown(report), plot_locations)

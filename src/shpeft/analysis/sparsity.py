@@ -11,8 +11,6 @@ changes could maintain around 95% of the full fine-tune performance").
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from torch import Tensor
 
 from shpeft.analysis.paper import PAPER_SPARSITY_CLAIM, PAPER_SPARSITY_KS
+from shpeft.analysis.report import save_figure, write_report
 
 
 def finetuned_model(run_dir: str | Path, device: str = "cpu"):
@@ -190,25 +189,12 @@ def plot_sparsity(report: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"sparsity: {report['method']} run, {report['split']} split", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def write_sparsity(report: dict[str, Any], dest: str | Path) -> dict[str, str]:
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "sparsity.json").write_text(json.dumps(report, indent=2) + "\n")
-    (dest / "sparsity.md").write_text(sparsity_markdown(report))
-    with open(dest / "sparsity.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(report["rows"][0]))
-        w.writeheader()
-        w.writerows(report["rows"])
-    png = plot_sparsity(report, dest / "sparsity.png")
-    return {
-        "json": str(dest / "sparsity.json"),
-        "markdown": str(dest / "sparsity.md"),
-        "csv": str(dest / "sparsity.csv"),
-        "png": str(png),
-    }
+    header = list(report["rows"][0])
+    rows = ([r[k] for k in header] for r in report["rows"])
+    return write_report(
+        report, dest, "sparsity", sparsity_markdown(report), plot_sparsity, (header, rows)
+    )

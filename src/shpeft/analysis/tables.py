@@ -34,6 +34,7 @@ from shpeft.analysis.grid import (
     shared_specs,
     unique,
 )
+from shpeft.analysis.report import save_figure
 
 METRICS = {"f1": ("macro_f1", "macro F1"), "acc": ("accuracy", "accuracy"), "auc": ("auc", "AUC")}
 
@@ -423,10 +424,7 @@ def plot_budgets(points: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     if points:
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""Writing an analysis report: JSON, Markdown, optional CSV and a PNG, side by side in one folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out and save a matplotlib figure (parent folders created)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_report(
+    report: dict[str, Any],
+    dest: str | Path,
+    stem: str,
+    markdown: str,
+    plot: Callable[[dict[str, Any], Path], Path],
+    csv_rows: tuple[Sequence[str], Iterable[Sequence[Any]]] | None = None,
+) -> dict[str, str]:
+    """Write ``DEST/STEM.{json,md[,csv],png}`` and return their paths by kind.
+
+    Args:
+        csv_rows: ``(header, rows)`` for the CSV; None writes none.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    files = {"json": dest / f"{stem}.json", "markdown": dest / f"{stem}.md"}
+    files["json"].write_text(json.dumps(report, indent=2) + "\n")
+    files["markdown"].write_text(markdown)
+    if csv_rows is not None:
+        files["csv"] = dest / f"{stem}.csv"
+        header, rows = csv_rows
+        with open(files["csv"], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+    files["png"] = plot(report, dest / f"{stem}.png")
+    return {k: str(v) for k, v in files.items()}
