@@ -42,7 +42,7 @@ def tuned_run(grid: G.GridConfig, out: Path, choices, ds: str, name: str, seed: 
     lr = G.run_lr(grid, choices, ds, name)
     if lr is None:
         return None
-    spec = G._spec(grid, grid.variant(name), ds, lr, seed, grid.iterations, budget=budget)
+    spec = G.run_spec(grid, grid.variant(name), ds, lr, seed, grid.iterations, budget=budget)
     d = spec.run_dir(out)
     return d if (d / "result.json").is_file() else None
 

@@ -378,7 +378,16 @@ def default_budget(variant: Variant) -> tuple[str | None, float | None]:
     return fname, getattr(get_method(variant.method).config_cls(**variant.config), fname)
 
 
-def _spec(grid, variant: Variant, dataset: str, lr: float, seed: int, iters: int, budget=None):
+def run_spec(
+    grid: GridConfig,
+    variant: Variant,
+    dataset: str,
+    lr: float,
+    seed: int,
+    iters: int,
+    budget: float | None = None,
+) -> RunSpec:
+    """The run of ``variant`` on ``dataset`` (its default budget unless ``budget`` is given)."""
     fname, value = default_budget(variant)
     if budget is not None:
         value = budget
@@ -391,7 +400,7 @@ def search_specs(grid: GridConfig) -> list[RunSpec]:
         return []
     s = grid.lr_search
     return [
-        _spec(grid, v, ds, lr, s.seed, s.iterations)
+        run_spec(grid, v, ds, lr, s.seed, s.iterations)
         for ds in grid.datasets
         for v in grid.methods
         if grid.lr_source(v.name) == v.name
@@ -417,7 +426,7 @@ def final_specs(grid: GridConfig, choices: dict[tuple[str, str], float]) -> list
             lr = run_lr(grid, choices, ds, v.name)
             if lr is None:
                 continue
-            out += [_spec(grid, v, ds, lr, seed, grid.iterations) for seed in grid.seeds]
+            out += [run_spec(grid, v, ds, lr, seed, grid.iterations) for seed in grid.seeds]
     return out
 
 
@@ -426,7 +435,7 @@ def shared_specs(grid: GridConfig) -> list[RunSpec]:
     if grid.shared_lr is None:
         return []
     return [
-        _spec(grid, v, ds, grid.shared_lr, seed, grid.iterations)
+        run_spec(grid, v, ds, grid.shared_lr, seed, grid.iterations)
         for ds in grid.datasets
         for v in grid.methods
         for seed in grid.seeds
@@ -444,7 +453,7 @@ def budget_specs(grid: GridConfig, choices: dict[tuple[str, str], float]) -> lis
                 continue
             for value in values:
                 out += [
-                    _spec(grid, v, ds, lr, seed, grid.iterations, budget=value)
+                    run_spec(grid, v, ds, lr, seed, grid.iterations, budget=value)
                     for seed in (grid.budget_seeds or grid.seeds)
                 ]
     return out
