@@ -115,3 +115,81 @@ def test_bad_arguments():
         estimate_importance(model, [])
     with pytest.raises(ValueError, match="lam"):
         estimate_importance(model, tiny_batches(1), lam=-1)
+
+
+# --- structural zeros and term mixing (issue: selection beyond the paper) -----------------
+
+
+def test_key_biases_are_structural_zeros_and_nothing_else_is():
+    """Adding a constant to every key shifts each query's logits by one constant, which softmax
+    ignores: the key third of every qkv.bias gets a gradient that is zero in exact arithmetic,
+    rounding noise in float32. The rule finds exactly those, from the gradients alone."""
+    from shpeft.importance import importance_terms, structural_zeros
+
+    model = tiny_vit()
+    terms = importance_terms(model, tiny_batches(2), strategy="l2")
+    zeros = structural_zeros(terms.grad_sq)
+    dim = model.embed_dim
+    for name, mask in zeros.items():
+        if name.endswith("attn.qkv.bias"):
+            want = torch.zeros(3 * dim, dtype=torch.bool)
+            want[dim : 2 * dim] = True
+            assert torch.equal(mask, want), name
+            # rounding noise, not an exact zero, and far below the q/v parts
+            g = terms.grad_sq[name].sqrt()
+            assert g[dim : 2 * dim].max() < 1e-5 * g[2 * dim :].max()
+        else:
+            assert not mask.any(), name
+
+
+def test_structural_zero_rule_is_the_same_under_l1():
+    from shpeft.importance import importance_terms, structural_zeros
+
+    model, batches = tiny_vit(), tiny_batches(2)
+    a = structural_zeros(importance_terms(model, batches, strategy="l2").grad_sq)
+    b = structural_zeros(importance_terms(model, batches, strategy="l1").grad_sq)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_unused_parameter_is_all_structural_zeros():
+    from shpeft.importance import importance_terms, structural_zeros
+
+    model = tiny_vit()
+    model.unused = torch.nn.Parameter(torch.ones(5))  # registered, never used by forward
+    zeros = structural_zeros(importance_terms(model, tiny_batches(1)).grad_sq)
+    assert zeros["unused"].all()
+
+
+@pytest.mark.parametrize("mix", ["paper", "tensor", "rank"])
+def test_term_parts_add_up_and_paper_mix_is_eq1(mix):
+    from shpeft.importance import combine_terms, importance_terms, term_parts
+
+    model, batches = tiny_vit(), tiny_batches(2)
+    terms = importance_terms(model, batches, strategy="l2")
+    td, ta = term_parts(terms, "l2", 0.7, mix)
+    scores = combine_terms(terms, "l2", 0.7, mix)
+    for n in scores:
+        torch.testing.assert_close(scores[n], td[n] + ta[n])
+    if mix == "paper":
+        want = estimate_importance(model, batches, strategy="l2", lam=0.7)
+        for n in want:
+            torch.testing.assert_close(scores[n], want[n])
+    if mix == "tensor":  # every tensor's parts average 1 and lam
+        for n in td:
+            if terms.td[n].sum() > 0:
+                assert abs(float(td[n].double().mean()) - 1) < 1e-4
+            if terms.ta[n].sum() > 0:  # zero-initialised biases have no magnitude at all
+                assert abs(float(ta[n].double().mean()) - 0.7) < 1e-4
+    if mix == "rank":  # quantiles in [0, 1]; the largest td gets 1
+        flat = torch.cat([t.reshape(-1) for t in td.values()])
+        assert float(flat.min()) == 0.0 and float(flat.max()) == 1.0
+
+
+def test_rank_quantiles_match_brute_force():
+    from shpeft.importance import _quantiles
+
+    t = {"a": torch.tensor([3.0, 1.0, 3.0]), "b": torch.tensor([[2.0, 0.0]])}
+    q = _quantiles(t)
+    # values 0,1,2,3,3: strictly-below counts 0,1,2,3,3 over N - 1 = 4
+    assert q["a"].tolist() == [0.75, 0.25, 0.75]
+    assert q["b"].tolist() == [[0.5, 0.0]]

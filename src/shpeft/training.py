@@ -38,6 +38,7 @@ from shpeft.config import from_dict, to_dict
 from shpeft.data import DataConfig, check_leakage_cheap, load_data, load_eval_data
 from shpeft.delta import atomic_save_safetensors
 from shpeft.evaluate import evaluate, format_metrics, save_confusion_matrix_png
+from shpeft.linear_probe import warm_start_head
 from shpeft.methods import Method, MethodConfig, PrepareContext, get_method
 
 log = logging.getLogger("shpeft")
@@ -51,7 +52,15 @@ class TrainConfig:
     method: str = field(default="shpeft", metadata={"help": "PEFT method (see `shpeft methods`)"})
     iterations: int = field(default=40000, metadata={"help": "optimizer steps (paper: 40000)"})
     batch_size: int = field(default=64, metadata={"help": "mini-batch size (paper: 64)"})
-    lr: float = field(default=1e-3, metadata={"help": "SGD learning rate (paper: 1e-3)"})
+    optimizer: str = field(
+        default="sgd",
+        metadata={
+            "help": "sgd (the paper: SGD with --momentum) or adamw (AdamW, betas 0.9/0.999; "
+            "scale-free per scalar, the usual choice for PEFT of ViTs)",
+            "choices": ("sgd", "adamw"),
+        },
+    )
+    lr: float = field(default=1e-3, metadata={"help": "learning rate (paper: 1e-3)"})
     head_lr: float | None = field(
         default=None, metadata={"help": "learning rate of the head (default: --lr)"}
     )
@@ -91,6 +100,22 @@ class TrainConfig:
             "`shpeft.training.evaluate_test` can do it later, e.g. for the lr search's runs)"
         },
     )
+    head_init: str = field(
+        default="random",
+        metadata={
+            "help": "how the new head starts: random (the paper) or linear-probe (logistic "
+            "regression on the frozen backbone's features, C chosen on validation, before the "
+            "method prepares: every method starts from the linear probe's optimum, as LP-FT)",
+            "choices": ("random", "linear-probe"),
+        },
+    )
+    feature_cache: str = field(
+        default="",
+        metadata={
+            "help": "folder caching the frozen features of --head-init linear-probe across runs "
+            "(empty: no cache)"
+        },
+    )
     precision: str = field(
         default="auto",
         metadata={
@@ -119,6 +144,10 @@ class TrainConfig:
             )
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.head_init not in ("random", "linear-probe"):
+            raise ValueError(f"head_init must be random or linear-probe, got {self.head_init!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -167,6 +196,17 @@ def environment() -> dict[str, Any]:
         "git_commit": commit,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def make_optimizer(tc: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The run's optimizer over parameter groups (each with its own ``lr``).
+
+    Weight decay applies to the trained tensors only (the optimizer never sees frozen ones);
+    for sparse methods those are the k selected values, so optimizer state is O(k).
+    """
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+    return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -421,8 +461,25 @@ def _train_locked(
             data.train, tc.batch_size, seed=tc.seed + 1, shuffle=True, num_workers=nw
         )
 
-    def fit_head(iterations: int) -> None:
-        _fit_head(model, data.train, iterations, tc, cfg.data.augment, device)
+    amp = autocast_dtype(tc.precision, device)
+    if tc.head_init == "linear-probe":
+        # Deterministic (and cached), so a resumed run repeats it exactly before its checkpoint
+        # restores the trained head.
+        record = warm_start_head(
+            model,
+            data.train,
+            data.val,
+            len(classes),
+            normalize=cfg.backbone.head == "l2norm",
+            key_parts=_feature_key_parts(cfg, spec, data, base_hash, amp, device),
+            cache_dir=tc.feature_cache or None,
+            batch_size=max(tc.batch_size, 64),
+            device=device,
+            amp=amp,
+            progress=tc.progress and main,
+        )
+        if not resume:
+            _write_json(run_dir / "head_init.json", record)
 
     # The method's data-driven choices (e.g. SH-PEFT's selection) are saved once and reused on
     # resume, never re-estimated.
@@ -431,7 +488,6 @@ def _train_locked(
     saved_state = load_file(str(saved_path)) if resume and saved_path.is_file() else None
     ctx = PrepareContext(
         importance_loader=importance_loader,
-        fit_head=fit_head,
         device=device,
         run_dir=run_dir,
         progress=tc.progress and main,
@@ -463,12 +519,7 @@ def _train_locked(
         {"params": [p for p in trainable if id(p) not in head_ids], "lr": tc.lr},
         {"params": [p for p in trainable if id(p) in head_ids], "lr": tc.head_lr or tc.lr},
     ]
-    opt = torch.optim.SGD(
-        [g for g in groups if g["params"]],
-        lr=tc.lr,
-        momentum=tc.momentum,
-        weight_decay=tc.weight_decay,
-    )
+    opt = make_optimizer(tc, [g for g in groups if g["params"]])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
     best: dict[str, Any] = {"macro_f1": -1.0, "iteration": None, "val": None}
     best_state: list[torch.Tensor] | None = None
@@ -521,9 +572,14 @@ def _train_locked(
             broadcast_buffers=False,  # no running statistics in a ViT; plans are buffers
             static_graph=True,  # the same trainable tensors are used at every step
         )
-    amp = autocast_dtype(tc.precision, device)
     # --- end DDP
     loader = DataLoader(data.train, batch_sampler=batch_sampler, num_workers=nw)
+    if main and val_loader is not None and start == 0 and tc.head_init == "linear-probe":
+        # The warm start is a candidate too: the best validation state may be the linear probe.
+        m = evaluate(model, val_loader, classes, device)
+        log_row({"iteration": 0, "val": {k: m[k] for k in ("macro_f1", "accuracy", "auc")}})
+        best = {"macro_f1": m["macro_f1"], "iteration": 0, "val": m}
+        best_state = [p.detach().cpu().clone() for p in trainable]
     model.train()
     t_start, seen = time.perf_counter(), 0
     bar = tqdm(
@@ -599,7 +655,7 @@ def _train_locked(
             "classes": classes,
             "head": cfg.backbone.head,
             "image_size": spec.image_size,
-            "iteration": best["iteration"] or tc.iterations,
+            "iteration": tc.iterations if best["iteration"] is None else best["iteration"],
         }
     )
     delta_path = delta.save(run_dir / "delta.safetensors")
@@ -623,6 +679,23 @@ def _train_locked(
         _save_test_confusion(metrics["test"], classes, run_dir, method.name)
     _write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def _feature_key_parts(cfg: RunConfig, spec, data, base_hash: str, amp, device) -> dict[str, Any]:
+    """What the linear probe's frozen features depend on (keys the feature cache)."""
+    import hashlib
+
+    ids = {s: (data.split_record["splits"].get(s) or {}).get("ids") for s in ("train", "val")}
+    return {
+        "base_hash": base_hash,
+        "input": to_dict(spec),
+        "source": data.split_record.get("source_resolved"),
+        "format": data.split_record.get("format"),
+        "ids": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
+        "amp": str(amp),
+        "device": device.type,
+        "head": cfg.backbone.head,
+    }
 
 
 def _save_test_confusion(test: dict[str, Any], classes, run_dir: Path, name: str) -> None:
@@ -746,33 +819,6 @@ def resume_run(run_dir: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
     return train(cfg, resume=True)
 
 
-def _fit_head(
-    model: nn.Module, dataset, iterations: int, tc: TrainConfig, augment: str, device
-) -> None:
-    """A short linear probe (head only) used by ``--head-init probe`` before importance."""
-    head = [p for n, p in model.named_parameters() if n.startswith("head.")]
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for n, p in model.named_parameters():
-        p.requires_grad_(n.startswith("head."))
-    opt = torch.optim.SGD(head, lr=tc.head_lr or tc.lr, momentum=tc.momentum)
-    # its own seed stream, so the main loop's batches do not depend on the probe
-    sampler = IterationBatchSampler(len(dataset), tc.batch_size, tc.seed + 7, 0, iterations)
-    model.train()
-    for it, (x, y) in tqdm(
-        enumerate(DataLoader(dataset, batch_sampler=sampler), 1),
-        total=iterations,
-        desc="head probe",
-        disable=not tc.progress,
-    ):
-        x = augment_batch(x.to(device), augment, tc.seed + 7, it)
-        loss = F.cross_entropy(model(x), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    for n, p in model.named_parameters():
-        p.requires_grad_(flags[n])
-
-
 def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
@@ -801,6 +847,13 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", delta_path: str | 
     apply_delta(model, delta, base_hash=base_hash)
     model.to(resolve_device(device)).eval()
     return model, classes, spec, conf
+
+
+def load_base_model(run_dir: str | os.PathLike) -> nn.Module:
+    """The pretrained model a run started from (its backbone config; a fresh, unused head)."""
+    conf = load_run_config(run_dir)
+    model, _ = create_model(from_dict(BackboneConfig, conf["backbone"]), len(conf["classes"]))
+    return model
 
 
 def method_from_config(conf: dict[str, Any]) -> Method:

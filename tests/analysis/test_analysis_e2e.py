@@ -16,6 +16,7 @@ from shpeft.analysis.hybridity import chance_overlap, overlap, run_hybridity, wr
 from shpeft.analysis.locations import block_of, run_locations, topk_flat, write_locations
 from shpeft.analysis.sparsity import graft, run_sparsity, write_sparsity
 from shpeft.analysis.tables import write_summary
+from shpeft.params import KINDS
 
 pytestmark = pytest.mark.filterwarnings("ignore:data leakage allowed:UserWarning")
 
@@ -144,15 +145,7 @@ def test_locations_of_a_shpeft_run(micro, tmp_path):
     assert rep["selected"] == metrics["trainable"]["backbone_trainable"]
     assert sum(r["selected"] for r in rep["per_kind"]) == rep["selected"]
     assert sum(r["size"] for r in rep["per_block"]) == rep["eligible"]
-    assert {r["name"] for r in rep["per_kind"]} <= {
-        "embedding",
-        "qkv",
-        "proj",
-        "fc1",
-        "fc2",
-        "norm",
-        "bias",
-    }
+    assert {r["name"] for r in rep["per_kind"]} <= set(KINDS) - {"other", "layerscale"}
     files = write_locations(rep, tmp_path)
     assert Path(files["png"]).read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match="no sparse positions"):

@@ -13,6 +13,8 @@ Fig. 4 (F1 vs trainable share), Fig. 2 (sparsity and hybridity of the fine-tunin
   analyze hybridity``);
 - :mod:`shpeft.analysis.locations`: where one run's selected scalars lie (``shpeft analyze
   locations``);
+- :mod:`shpeft.analysis.selection`: where a sparse run's k went, which importance term chose it
+  and what never moved (``shpeft analyze selection``);
 - :mod:`shpeft.analysis.paper`: the paper's numbers.
 
 This package imports nothing heavy at import time, so the CLI stays fast.
@@ -93,7 +95,8 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
     p.set_defaults(func=cmd_bench)
 
     p = subparsers.add_parser(
-        "analyze", help="the paper's analyses of fine-tuned runs (sparsity, hybridity, locations)"
+        "analyze",
+        help="analyses of fine-tuned runs (sparsity, hybridity, locations, selection)",
     )
     p.set_defaults(func=cmd_analyze)
     sub = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
@@ -141,6 +144,14 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
     )
     q.add_argument("--out", help="output folder (default: RUN/analysis)")
     q.set_defaults(func=cmd_analyze, analysis="locations")
+
+    q = sub.add_parser(
+        "selection",
+        help="where a sparse run's k went, which importance term chose it, what never moved",
+    )
+    q.add_argument("--run", required=True, help="a run with a sparse delta (e.g. shpeft)")
+    q.add_argument("--out", help="output folder (default: RUN/analysis)")
+    q.set_defaults(func=cmd_analyze, analysis="selection")
 
     if commands is not None:
         commands["bench"] = cmd_bench
@@ -221,6 +232,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         report = run_locations(args.run, args.k)
         files = write_locations(report, args.out or Path(args.run) / "analysis")
         print(locations_markdown(report))
+    elif args.analysis == "selection":
+        from shpeft.analysis.selection import run_selection, selection_markdown, write_selection
+
+        report = run_selection(args.run)
+        files = write_selection(report, args.out or Path(args.run) / "analysis")
+        print(selection_markdown(report))
     else:  # argparse's required subparser makes this unreachable from the CLI
         raise ValueError(f"unknown analysis {args.analysis!r}")
     print("written: " + ", ".join(files.values()), file=sys.stderr)

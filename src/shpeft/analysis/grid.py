@@ -18,7 +18,8 @@ A grid config is JSON::
      "budget_seeds": [0],
      "train": {TrainConfig fields},
      "lr_search": {"lrs": [0.001, 0.01, 0.03], "iterations": 400, "seed": 0,
-                   "methods": null},
+                   "methods": null, "extend": 0},
+     # or "lrs": {"default": [...], "full": [...]}: per-method starting grids
      "shared_lr": 0.001,
      "protocols": {"paper": {overlay applied by --protocol paper}}}
 
@@ -28,10 +29,12 @@ placeholder the user edits).
 
 Stages, each a list of runs:
 
-1. ``search``: for each (dataset, method) and each lr of ``lr_search.lrs``: one run on
-   ``lr_search.seed`` for ``lr_search.iterations``, trained with ``eval_test=False``: the test
-   split is not read at all. The lr with the best **validation** macro F1 is chosen; choices go
-   to ``lr_choice_<name>.json``.
+1. ``search``: for each (dataset, method) and each lr of ``lr_search.lrs`` (the method's own
+   starting grid where one is given): one run on ``lr_search.seed`` for
+   ``lr_search.iterations``, trained with ``eval_test=False``: the test split is not read at
+   all. The lr with the best **validation** macro F1 is chosen; while it lies at an end of the
+   grid, up to ``lr_search.extend`` lrs one step beyond that end are added (the same rule for
+   every method). Choices go to ``lr_choice_<name>.json``.
    ``lr_search.methods`` limits the search to some variants; another variant of the same method
    (an ablation) then uses their choice.
 2. ``final``: every (dataset, method, seed) at its chosen lr (the "tuned" setting). When the
@@ -119,6 +122,16 @@ class LrSearch:
     seed: int = 0
     methods: tuple[str, ...] | None = None
     """Variants searched (default: all); another variant of the same method reuses its choice."""
+    extend: int = 0
+    """Up to this many extra lrs per (dataset, method) when the best lr is at an end of the grid:
+    one geometric step beyond that end at a time, the same rule for every method."""
+    per_method: dict[str, tuple[float, ...]] = field(default_factory=dict, hash=False)
+    """Starting grids of particular variants or methods (``lrs`` for the others): methods whose
+    good lrs lie decades apart start near their own, and ``extend`` moves any edge choice."""
+
+    def start(self, variant: Variant) -> tuple[float, ...]:
+        """The starting lr grid of ``variant`` (its name, then its method, then ``lrs``)."""
+        return self.per_method.get(variant.name) or self.per_method.get(variant.method) or self.lrs
 
 
 @dataclass
@@ -317,9 +330,19 @@ def parse_grid(raw: dict[str, Any], *, root: Path | None = None, protocol: str |
     search = None
     if raw.get("lr_search"):
         s = raw["lr_search"]
-        lrs = tuple(float(x) for x in s.get("lrs", ()))
-        if not lrs or any(not (x > 0 and math.isfinite(x)) for x in lrs):
-            raise ValueError(f"lr_search.lrs must be positive numbers, got {s.get('lrs')!r}")
+        spec = s.get("lrs", ())
+        grids = dict(spec) if isinstance(spec, dict) else {"default": spec}
+        if "default" not in grids:
+            raise ValueError("lr_search.lrs as an object needs a 'default' list")
+        parsed: dict[str, tuple[float, ...]] = {}
+        for key, values in grids.items():
+            if key != "default" and key not in names and key not in METHODS:
+                raise ValueError(f"lr_search.lrs names {key!r}, which is no method of the grid")
+            vals = tuple(sorted(float(x) for x in values or ()))
+            if not vals or any(not (x > 0 and math.isfinite(x)) for x in vals):
+                raise ValueError(f"lr_search.lrs must be positive numbers, got {values!r}")
+            parsed[key] = vals
+        lrs = parsed.pop("default")
         iters = int(s.get("iterations", raw.get("train", {}).get("iterations", 40000)))
         searched = s.get("methods")
         if searched is not None:
@@ -327,7 +350,10 @@ def parse_grid(raw: dict[str, Any], *, root: Path | None = None, protocol: str |
             if unknown or not searched:
                 raise ValueError(f"lr_search.methods must name grid methods, got {searched!r}")
             searched = tuple(searched)
-        search = LrSearch(lrs, iters, int(s.get("seed", 0)), searched)
+        extend = int(s.get("extend", 0))
+        if extend < 0 or (extend and min(len(v) for v in (lrs, *parsed.values())) < 2):
+            raise ValueError("lr_search.extend must be >= 0 and needs at least two lrs per grid")
+        search = LrSearch(lrs, iters, int(s.get("seed", 0)), searched, extend, parsed)
     train = dict(raw.get("train") or {})
     _check_keys(train, TrainConfig, "train")
     _check_keys(raw["backbone"], BackboneConfig, "backbone")
@@ -394,8 +420,44 @@ def run_spec(
     return RunSpec(dataset, variant.name, variant.method, float(lr), seed, iters, fname, value)
 
 
-def search_specs(grid: GridConfig) -> list[RunSpec]:
-    """Stage 1: every (dataset, method, lr) on the search seed, at the default budget."""
+def searched_lrs(grid: GridConfig, out: Path | None, dataset: str, name: str) -> list[float]:
+    """The lrs searched for (dataset, variant): the grid's, plus the edge extensions so far.
+
+    With ``lr_search.extend`` = n, while every candidate has finished and the best (validation
+    only) is the smallest or the largest lr, the next lr one geometric step beyond that end is
+    added, at most n times. A pure function of the finished runs, so every process agrees.
+    """
+    s = grid.lr_search
+    assert s is not None
+    variant = grid.variant(name)
+    lrs = sorted(s.start(variant))
+    if not s.extend or out is None:
+        return lrs
+    for _ in range(s.extend):
+        specs = [run_spec(grid, variant, dataset, lr, s.seed, s.iterations) for lr in lrs]
+        results = [read_result(out, sp) for sp in specs]
+        if any(r is None and not _failed(out, sp) for r, sp in zip(results, specs, strict=True)):
+            break  # still running: decide once all are in
+        best = select_lr(list(zip(lrs, results, strict=True)))
+        if best is None or (best != lrs[0] and best != lrs[-1]):
+            break
+        if best == lrs[-1]:
+            lrs.append(_round_lr(lrs[-1] * lrs[-1] / lrs[-2]))
+        else:
+            lrs.insert(0, _round_lr(lrs[0] * lrs[0] / lrs[1]))
+    return lrs
+
+
+def _round_lr(lr: float) -> float:
+    """Three significant digits, so that 0.1 * 3.162 steps give stable run ids."""
+    return float(f"{lr:.3g}")
+
+
+def search_specs(grid: GridConfig, out: Path | None = None) -> list[RunSpec]:
+    """Stage 1: every (dataset, method, lr) on the search seed, at the default budget.
+
+    With ``out`` the lrs include the edge extensions decided by the runs finished there.
+    """
     if grid.lr_search is None:
         return []
     s = grid.lr_search
@@ -404,7 +466,7 @@ def search_specs(grid: GridConfig) -> list[RunSpec]:
         for ds in grid.datasets
         for v in grid.methods
         if grid.lr_source(v.name) == v.name
-        for lr in s.lrs
+        for lr in searched_lrs(grid, out, ds, v.name)
     ]
 
 
@@ -509,7 +571,7 @@ def lr_choices(grid: GridConfig, out: Path) -> dict[tuple[str, str], dict[str, A
     if grid.lr_search is None:
         return {}
     table: dict[tuple[str, str], dict[str, Any]] = {}
-    for spec in search_specs(grid):
+    for spec in search_specs(grid, out):
         entry = table.setdefault(
             (spec.dataset, spec.variant), {"candidates": [], "chosen": None, "complete": True}
         )
@@ -519,7 +581,11 @@ def lr_choices(grid: GridConfig, out: Path) -> dict[tuple[str, str], dict[str, A
         entry["candidates"].append(
             {"lr": spec.lr, "val_macro_f1": validation_f1(result), "run_id": spec.run_id}
         )
-    for entry in table.values():
+    for (ds, name), entry in table.items():
+        # an extension that is due but not yet planned (the grid's own lrs just finished)
+        n = len(searched_lrs(grid, out, ds, name))
+        if n > len(entry["candidates"]):
+            entry["complete"] = False
         if entry["complete"]:
             cands = [(c["lr"], _result_or_none(out, c["run_id"])) for c in entry["candidates"]]
             entry["chosen"] = select_lr(cands)
@@ -578,6 +644,8 @@ def job_payload(
         method_config[spec.budget_field] = spec.budget
     train = {
         **grid.train,
+        # the linear-probe head's frozen features are the same for every run of a dataset
+        "feature_cache": grid.train.get("feature_cache") or str(Path(out) / "feature_cache"),
         "out": str(spec.run_dir(out)),
         "method": spec.method,
         "lr": spec.lr,
@@ -875,7 +943,14 @@ def run_grid(
         run_jobs(jobs, workers=workers, poll_s=poll_s, on_status=note)
 
     if "search" in stages and grid.lr_search is not None:
-        execute(search_specs(grid), eval_test=False)
+        # repeat while finished runs add edge extensions (lr_search.extend)
+        done_ids: set[str] = set()
+        while True:
+            specs = [sp for sp in search_specs(grid, out) if sp.run_id not in done_ids]
+            if not specs:
+                break
+            execute(specs, eval_test=False)
+            done_ids |= {sp.run_id for sp in specs}
     if grid.lr_search is not None:
         write_lr_choices(grid, out)
     choices = chosen_lrs(grid, out)
@@ -904,7 +979,7 @@ def planned_specs(grid: GridConfig, out: Path) -> dict[str, list[RunSpec]]:
     """Every stage's runs given what is known now (finals wait for the search's choices)."""
     choices = chosen_lrs(grid, out)
     return {
-        "search": search_specs(grid),
+        "search": search_specs(grid, out),
         "final": final_specs(grid, choices),
         "shared": shared_specs(grid),
         "budgets": budget_specs(grid, choices),

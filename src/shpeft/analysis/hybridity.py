@@ -19,8 +19,6 @@ import torch
 from torch import Tensor
 
 from shpeft.analysis.locations import (
-    KINDS,
-    block_order,
     location_counts,
     marginals,
     run_positions,
@@ -28,6 +26,7 @@ from shpeft.analysis.locations import (
 )
 from shpeft.analysis.paper import PAPER_HYBRIDITY_KS
 from shpeft.analysis.report import save_figure, write_report
+from shpeft.params import block_order, kind_order
 
 
 def overlap(a: Tensor, b: Tensor) -> float:
@@ -158,9 +157,9 @@ def _locations(sizes: dict[str, int], shared: Tensor, specific: Tensor) -> dict[
     cp = location_counts(sizes, specific)
     ns, np_ = max(1, int(shared.sum())), max(1, int(specific.sum()))
     out: dict[str, Any] = {"shared": int(shared.sum()), "specific": int(specific.sum())}
-    for axis, key, order in ((0, "per_block", block_order), (1, "per_kind", None)):
+    for axis, key, order in ((0, "per_block", block_order), (1, "per_kind", kind_order)):
         ms, mp = marginals(cs, axis), marginals(cp, axis)
-        names = order(ms) if order else [k for k in KINDS if k in ms]
+        names = order(ms)
         out[key] = [
             {
                 "name": n,

@@ -5,15 +5,13 @@ kind of operation, not only the linear layers that SPT tunes; this module measur
 run. Positions come from the run's sparse delta (SH-PEFT's selection, SPT's sparse part), or, for
 dense methods, from the top-k% of ``|W_ft - W_ori|`` (``k_percent``).
 
-Parameter types follow :func:`shpeft.methods.shpeft.parameter_kind` (qkv, proj, fc1, fc2, norm,
-bias, embedding); blocks are ``blocks.<i>``, with ``embed`` before them (patch / position
-embedding, class token, pre-norm) and ``final`` after (final norm, pooling).
+Parameter types and blocks follow :mod:`shpeft.params` (patch / position embedding, class token,
+qkv, proj, fc1, fc2, biases, LayerNorm, LayerScale; ``embed`` before the blocks, ``final``
+after).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +19,7 @@ import torch
 from torch import Tensor
 
 from shpeft.analysis.report import save_figure, write_report
-from shpeft.methods.shpeft import parameter_kind
-
-KINDS = ("embedding", "qkv", "proj", "fc1", "fc2", "norm", "bias", "other")
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-
-
-def block_of(name: str) -> str:
-    """``"block 3"`` for ``blocks.3.*``; ``"embed"`` before the blocks; ``"final"`` after."""
-    m = _BLOCK.search(name)
-    if m:
-        return f"block {int(m.group(1))}"
-    if name in ("cls_token", "pos_embed", "reg_token") or name.startswith(
-        ("patch_embed", "norm_pre")
-    ):
-        return "embed"
-    return "final"
-
-
-def block_order(blocks: Sequence[str]) -> list[str]:
-    def key(b: str) -> tuple[int, int]:
-        if b == "embed":
-            return (0, 0)
-        if b.startswith("block "):
-            return (1, int(b.split()[1]))
-        return (2, 0)
-
-    return sorted(set(blocks), key=key)
-
+from shpeft.params import block_of, block_order, kind_order, parameter_kind
 
 # ---------------------------------------------------------------------------------------------
 # Positions as one flat boolean vector over the backbone (eligible parameters, model order)
@@ -185,7 +156,7 @@ def run_locations(run_dir: str | Path, k_percent: float | None = None) -> dict[s
     per_block = marginals(counts, 0)
     per_kind = marginals(counts, 1)
     blocks = block_order(per_block)
-    kinds = [k for k in KINDS if k in per_kind]
+    kinds = kind_order(per_kind)
     return {
         "run": str(run_dir),
         "method": pos["conf"]["train"]["method"],

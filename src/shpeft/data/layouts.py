@@ -75,7 +75,7 @@ _MAYO = re.compile(r"^mayo[ _-]?(\d)$", re.IGNORECASE)
 # LIMUC-style "<patient>_<n>" (also "-" or space as separator); the patient part may be anything.
 _LIMUC_PATIENT = re.compile(r"^(.+?)[_\- ]+\d+$")
 # Kermany CXR: "person1_bacteria_1", "person1_virus_6"; "IM-0115-0001", "NORMAL2-IM-1427-0001".
-_CXR_PATIENT = re.compile(r"^(person\d+)_|^((?:NORMAL2-)?IM-\d+)-\d+$", re.IGNORECASE)
+_CXR_PATIENT = re.compile(r"^(person\d+)_|^((?:NORMAL2-)?IM-\d+)(?:-\d+)+$", re.IGNORECASE)
 # Kermany OCT: "CNV-1016042-1": the number is the patient, shared across the disease classes.
 _OCT_PATIENT = re.compile(r"^[A-Za-z]+-(\d+)-\d+$")
 # Names of folders that wrap a data set's root in common downloads (compared lower-cased).

@@ -33,7 +33,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from .datasets import ArrayImageDataset, FileImageDataset, LabelledImageDataset
 from .io import DataError, is_hidden, is_image_file, is_mask_file
 from .leakage import array_key, dataset_keys, file_key
-from .sources import FORMATS, SPLITS, Catalog, read_catalog
+from .sources import FORMATS, SPLITS, Catalog, Group, read_catalog
 from .splits import grouped_stratified_split, keep_together, stratified_split
 from .transforms import AUGMENTATIONS, parse_interpolation
 
@@ -127,6 +127,15 @@ class DataConfig:
             "choices": AUGMENTATIONS,
         },
     )
+    resplit_val: bool = field(
+        default=False,
+        metadata={
+            "help": "pool an official train and val split and carve a new val of --val-fraction "
+            "from them (by patient where ids exist), for official val splits too small to select "
+            "on: CXR3's has 16 images, the paper's CXR3 split (4,708/524 of 5,232) is this with "
+            "--val-fraction 0.1"
+        },
+    )
     allow_leakage: bool = field(
         default=False,
         metadata={
@@ -170,6 +179,8 @@ class DataConfig:
             problems.append(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
         if not isinstance(self.split_file, str | os.PathLike):
             problems.append(f"split_file must be a path or empty, got {self.split_file!r}")
+        if not isinstance(self.resplit_val, bool):
+            problems.append(f"resplit_val must be true or false, got {self.resplit_val!r}")
         if not isinstance(self.allow_leakage, bool):
             problems.append(f"allow_leakage must be true or false, got {self.allow_leakage!r}")
         if problems:
@@ -235,6 +246,8 @@ def load_data(
     """
     parse_interpolation(interpolation)  # fail before any scanning
     catalog = read_catalog(cfg.data, cfg.data_format)
+    if cfg.resplit_val and not cfg.split_file:
+        catalog = pool_train_val(catalog)
     final_classes = _resolve_classes(catalog, classes)
     if len(final_classes) < 2:
         raise DataError(
@@ -334,6 +347,40 @@ class SplitPlan:
     methods: dict[str, str]
     kinds: dict[str, str]
     grouping: dict[str, Any]
+
+
+def pool_train_val(catalog: Catalog) -> Catalog:
+    """The catalog with its official val merged into train (``DataConfig.resplit_val``).
+
+    A seeded val is then carved from the pooled train like for sources without a val split.
+    Sample ids are unchanged, so recorded splits replay against the unmerged catalog too.
+    """
+    groups = catalog.groups
+    if "train" not in groups or "val" not in groups:
+        return catalog
+    tr, va = groups["train"], groups["val"]
+    merged = Group(
+        ids=tr.ids + va.ids,
+        labels=tr.labels + va.labels,
+        paths=tr.paths + va.paths if tr.paths is not None and va.paths is not None else None,
+        images=(
+            np.concatenate([tr.images, va.images])
+            if tr.images is not None and va.images is not None
+            else None
+        ),
+        origin=tr.origin,
+        patients=(
+            tr.patients + va.patients
+            if tr.patients is not None and va.patients is not None
+            else None
+        ),
+    )
+    if merged.paths is None and merged.images is None:
+        raise DataError(f"{catalog.source}: cannot pool train and val stored in different ways")
+    new = {k: g for k, g in groups.items() if k != "val"}
+    new["train"] = merged
+    note = f"official val ({len(va)}) pooled with train ({len(tr)}); val carved from the pool"
+    return replace(catalog, groups=new, notes=[*catalog.notes, note])
 
 
 def _pool_of(catalog: Catalog) -> str | None:

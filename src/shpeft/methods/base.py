@@ -29,8 +29,6 @@ class PrepareContext:
 
     importance_loader: Callable[[], Iterable] | None = None
     """Makes a fresh, seeded loader over the training split (for data-driven selection)."""
-    fit_head: Callable[[int], None] | None = None
-    """Trains the head alone for N iterations (optional linear-probe warm start)."""
     device: Any = "cpu"
     run_dir: Path | None = None
     progress: bool = False

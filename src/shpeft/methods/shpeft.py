@@ -1,4 +1,16 @@
-"""SH-PEFT (Liu, Xu, Liu, Zhang 2024): train the top-k% scalars ranked by hybrid importance."""
+"""SH-PEFT (Liu, Xu, Liu, Zhang 2024): train the top-k% scalars ranked by hybrid importance.
+
+The paper's selection (eq. 1, one global threshold) is the default. Options beyond the paper,
+each named and off by default (``benchmarks/README.md`` has their measurements):
+
+* ``zero_grad="skip"``: never spend k on scalars whose gradient is zero up to rounding
+  (:func:`shpeft.importance.structural_zeros`; e.g. the key biases, which softmax ignores);
+* ``mix="tensor" | "rank"``: put the gradient and magnitude terms on one scale per tensor or by
+  rank before adding them (:func:`shpeft.importance.term_parts`);
+* ``allocation="row"``: give every output neuron its best scalars first, then fill globally
+  (after GPS, Zhang et al. CVPR 2024; :func:`shpeft.selection.select_per_row`);
+* ``max_density``: cap the share of any one tensor that may be selected.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +20,15 @@ import torch
 from torch import nn
 
 from shpeft.delta import Delta
-from shpeft.importance import STRATEGIES, eligible_parameters, estimate_importance
+from shpeft.importance import (
+    MIXES,
+    STRATEGIES,
+    ImportanceTerms,
+    eligible_parameters,
+    importance_terms,
+    structural_zeros,
+    term_parts,
+)
 from shpeft.methods.base import (
     Method,
     MethodConfig,
@@ -17,7 +37,8 @@ from shpeft.methods.base import (
     head_delta,
     register,
 )
-from shpeft.selection import masks_to_indices, select_topk
+from shpeft.params import block_of, parameter_kind
+from shpeft.selection import masks_to_indices, select_per_row, select_topk
 from shpeft.sparse import attach_sparse, merge_sparse, sparse_state
 
 
@@ -52,22 +73,48 @@ class ShpeftConfig(MethodConfig):
             "help": "B, mini-batches for the importance estimate (default: one epoch of the training split)"
         },
     )
-    head_init: str = field(
-        default="random",
+
+    zero_grad: str = field(
+        default="keep",
         metadata={
-            "help": "head used while estimating importance: random (fresh head, as in the paper) or "
-            "probe (fit the head alone first, for --probe-iterations)",
-            "choices": ("random", "probe"),
+            "help": "keep (paper) or skip scalars whose gradient is zero up to float rounding "
+            "(structurally untrainable, e.g. key biases), detected from the gradients",
+            "choices": ("keep", "skip"),
         },
     )
-    probe_iterations: int = field(
-        default=200,
+    mix: str = field(
+        default="paper",
         metadata={
-            "help": "head-only iterations before estimating importance with --head-init probe"
+            "help": "how the gradient and magnitude terms are scaled before adding: paper "
+            "(eq. 1, one global s), tensor (each term over its tensor's mean), rank (global "
+            "quantiles)",
+            "choices": MIXES,
         },
+    )
+    allocation: str = field(
+        default="global",
+        metadata={
+            "help": "global (paper: one threshold) or row (every output neuron's best scalars "
+            "first, the rest by one threshold; after GPS)",
+            "choices": ("global", "row"),
+        },
+    )
+    max_density: float | None = field(
+        default=None,
+        metadata={"help": "at most this fraction of any one tensor may be selected (none: no cap)"},
     )
 
     def __post_init__(self) -> None:
+        if self.zero_grad not in ("keep", "skip"):
+            raise ValueError(f"zero_grad must be keep or skip, got {self.zero_grad!r}")
+        if self.mix not in MIXES:
+            raise ValueError(f"mix must be one of {MIXES}, got {self.mix!r}")
+        if self.allocation not in ("global", "row"):
+            raise ValueError(f"allocation must be global or row, got {self.allocation!r}")
+        if self.max_density is not None and not 0 < self.max_density <= 1:
+            raise ValueError(f"max_density must be in (0, 1], got {self.max_density}")
+        if self.max_density is not None and self.allocation == "row":
+            raise ValueError("max_density applies to allocation='global' only")
         if not (0 < self.ratio <= 1):
             raise ValueError(f"ratio must be in (0, 1] (0.01 means 1%), got {self.ratio}")
         if self.strategy not in STRATEGIES:
@@ -76,8 +123,6 @@ class ShpeftConfig(MethodConfig):
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.importance_batches is not None and self.importance_batches < 1:
             raise ValueError(f"importance_batches must be >= 1, got {self.importance_batches}")
-        if self.head_init not in ("random", "probe"):
-            raise ValueError(f"head_init must be random or probe, got {self.head_init!r}")
 
 
 @register
@@ -99,22 +144,28 @@ class Shpeft(Method):
             return attach_sparse(model, indices) + head
         if ctx.importance_loader is None:
             raise ValueError("SH-PEFT needs training data to estimate importance")
-        if cfg.head_init == "probe":
-            if ctx.fit_head is None:
-                raise ValueError("head_init='probe' needs a head-fitting callback")
-            ctx.fit_head(cfg.probe_iterations)
-        scores = estimate_importance(
+        # ``ta`` ranks without data, but the structural-zero rule needs the gradients: estimate
+        # them with l2 then (its magnitude term w^2 ranks exactly like |w|)
+        ta_only = cfg.strategy.startswith("ta")
+        estimate = "l2" if ta_only and cfg.zero_grad == "skip" else cfg.strategy
+        terms = importance_terms(
             model,
-            ctx.importance_loader(),
-            strategy=cfg.strategy,
-            lam=cfg.lam,
+            None if estimate.startswith("ta") else ctx.importance_loader(),
+            strategy=estimate,
             num_batches=cfg.importance_batches,
             device=ctx.device,
             progress=ctx.progress,
         )
-        masks = select_topk(scores, cfg.ratio)
+        parts = term_parts(terms, cfg.strategy, cfg.lam, cfg.mix)
+        scores = {n: parts[0][n] + parts[1][n] for n in parts[0]}
+        zeros = structural_zeros(terms.grad_sq) if terms.grad_sq is not None else None
+        forbid = zeros if cfg.zero_grad == "skip" else None
+        if cfg.allocation == "row":
+            masks = select_per_row(scores, cfg.ratio, forbid=forbid)
+        else:
+            masks = select_topk(scores, cfg.ratio, forbid=forbid, max_density=cfg.max_density)
         indices = masks_to_indices(masks)
-        ctx.artifacts["selection"] = selection_summary(model, masks)
+        ctx.artifacts["selection"] = selection_summary(model, masks, parts, zeros, terms)
         head = freeze_all_but_head(model)
         values = attach_sparse(model, indices)
         return values + head
@@ -131,37 +182,59 @@ class Shpeft(Method):
         return {n: i.clone() for n, (i, _) in sparse_state(model).items()}
 
 
-def selection_summary(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict:
-    """Selected counts per tensor and per parameter kind (for the run directory and analyses)."""
+def selection_summary(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    parts: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    zeros: dict[str, torch.Tensor] | None = None,
+    terms: ImportanceTerms | None = None,
+) -> dict:
+    """Where k went: per tensor, per parameter kind and per block (``selection.json``).
+
+    Each group records ``selected`` and ``size``; with the score ``parts`` also the summed
+    task-dependent (``td``) and task-agnostic (``ta``) parts of its selected scalars' scores
+    (their shares say which term chose them), and with ``zeros`` how many structural zeros
+    (gradient zero up to rounding) it has and how many of them were selected.
+    """
     sizes = {n: p.numel() for n, p in eligible_parameters(model).items()}
-    per_tensor = {n: {"selected": int(m.sum()), "size": sizes[n]} for n, m in masks.items()}
-    per_kind: dict[str, dict[str, int]] = {}
-    for n, v in per_tensor.items():
-        kind = parameter_kind(n)
-        agg = per_kind.setdefault(kind, {"selected": 0, "size": 0})
-        agg["selected"] += v["selected"]
-        agg["size"] += v["size"]
-    total = sum(sizes.values())
+    per_tensor: dict[str, dict] = {}
+    for n, m in masks.items():
+        row: dict = {"selected": int(m.sum()), "size": sizes[n]}
+        if parts is not None:
+            row["td"] = float(parts[0][n][m].double().sum())
+            row["ta"] = float(parts[1][n][m].double().sum())
+        if zeros is not None:
+            row["zero_grad"] = int(zeros[n].sum())
+            row["zero_grad_selected"] = int((zeros[n] & m).sum())
+        per_tensor[n] = row
+
+    def group(key) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for n, row in per_tensor.items():
+            agg = out.setdefault(key(n), {})
+            for f, v in row.items():
+                agg[f] = agg.get(f, 0) + v
+        return out
+
     k = sum(v["selected"] for v in per_tensor.values())
-    return {
+    summary: dict = {
         "k": k,
-        "eligible": total,
-        "ratio": k / total,
-        "per_kind": per_kind,
+        "eligible": sum(sizes.values()),
+        "ratio": k / sum(sizes.values()),
+        "per_kind": group(parameter_kind),
+        "per_block": group(block_of),
         "per_tensor": per_tensor,
     }
-
-
-def parameter_kind(name: str) -> str:
-    """Coarse type of a timm ViT parameter: qkv, proj, fc1, fc2, norm, bias, embedding, ..."""
-    leaf = name.rsplit(".", 1)[-1]
-    if name in ("cls_token", "pos_embed", "reg_token") or name.startswith("patch_embed"):
-        return "embedding"
-    if "norm" in name:
-        return "norm"
-    if leaf == "bias":
-        return "bias"
-    for key in ("qkv", "proj", "fc1", "fc2"):
-        if f".{key}." in f".{name}":
-            return key
-    return "other"
+    if parts is not None:
+        td = sum(v["td"] for v in per_tensor.values())
+        ta = sum(v["ta"] for v in per_tensor.values())
+        summary["term_share_selected"] = {
+            "td": td / (td + ta) if td + ta > 0 else None,
+            "ta": ta / (td + ta) if td + ta > 0 else None,
+        }
+    if zeros is not None:
+        summary["zero_grad"] = sum(v["zero_grad"] for v in per_tensor.values())
+        summary["zero_grad_selected"] = sum(v["zero_grad_selected"] for v in per_tensor.values())
+    if terms is not None:
+        summary["importance_batches"] = terms.batches
+    return summary
