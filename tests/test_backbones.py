@@ -236,7 +236,7 @@ def test_download_failure_is_explained(monkeypatch):
         return real(name, pretrained=False, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError, match="could not download .*pass --weights PATH"):
+    with pytest.raises(ConnectionError, match="could not download .*pass --weights PATH"):
         create_model(BackboneConfig(model="vit_tiny_patch16_224", image_size=32), 2)
 
 

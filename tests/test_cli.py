@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from shpeft.cli import main
 from shpeft.delta import Delta
-from shpeft.training import load_run
+from shpeft.runs import load_run
 
 
 def train_args(model_dir, data, out, *extra):
@@ -295,3 +295,72 @@ def test_data_check_finds_the_busi_duplicate(tmp_path, capsys, shared_data):
     assert rc == 1  # a label conflict is an error
     assert "benign (433).png" in out and "malignant (145).png" in out
     assert json.loads((tmp_path / "r.json").read_text())
+
+
+# --- regressions of the CLI habits -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_without_data_uses_the_runs_own_test_split(shpeft_run, tmp_path):
+    out, _ = shpeft_run
+    assert main(["-q", "eval", "--run", str(out), "--out", str(tmp_path / "own.json")]) == 0
+    own = json.loads((tmp_path / "own.json").read_text())
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert own["confusion_matrix"] == test["confusion_matrix"] and own["n"] == test["n"]
+
+
+@pytest.mark.slow
+def test_predict_skips_an_unreadable_image_and_says_so(shpeft_run, tmp_path, capsys):
+    from PIL import Image
+
+    out, _ = shpeft_run
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(28, 28) * 255).byte().numpy()).save(imgs / f"{i}.png")
+    (imgs / "1b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    csv_out = tmp_path / "p.csv"
+    rc = main(["-q", "predict", "--run", str(out), "--images", str(imgs), "-o", str(csv_out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "1b_broken.png" in err and "skipped" in err
+    rows = list(csv.DictReader(csv_out.read_text().splitlines()))
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == ["0.png", "1.png", "2.png"]
+    rc = main(["-q", "predict", "--run", str(out), "--images", str(imgs), "--strict"])
+    assert rc == 2 and "1b_broken.png" in capsys.readouterr().err
+
+
+def test_flags_of_another_method_are_refused(tmp_path, capsys):
+    rc = main(["train", "--method", "lora", "--ratio", "0.001", "--data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--ratio is an option of --method shpeft, not of --method lora" in err
+    # vpt-deep and vpt-shallow share their flags
+    rc = main(["train", "--method", "vpt-shallow", "--lora-rank", "2", "--data", str(tmp_path)])
+    assert rc == 2 and "--lora-rank" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bug", [RuntimeError("shape mismatch"), KeyError("blocks.0.attn")])
+def test_a_bug_keeps_its_traceback(bug, monkeypatch):
+    """Only errors raised on purpose for bad input are one-line; a RuntimeError from torch or a
+    KeyError is a bug and must propagate with its traceback."""
+    import shpeft.cli as cli
+
+    def broken(args):
+        raise bug
+
+    monkeypatch.setitem(cli.COMMANDS, "methods", broken)
+    with pytest.raises(type(bug)):
+        main(["methods"])
+
+
+def test_progress_is_log_lines_when_not_a_terminal(caplog, monkeypatch):
+    import logging
+
+    from shpeft import progress
+
+    monkeypatch.setattr(progress, "is_terminal", lambda: False)
+    with caplog.at_level(logging.INFO, logger="shpeft"):
+        for _ in progress.progress_bar(range(1000), desc="work", every_s=3600):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("work")]
+    # one line at the end, not 1000 redraws
+    assert len(lines) == 1 and lines[0].startswith("work: 1000/1000 (100%)")

@@ -197,3 +197,32 @@ def test_version_1_files_still_load(tmp_path):
     loaded = Delta.load(tmp_path / "v1.safetensors")
     for k, t in delta.tensors().items():
         assert torch.equal(loaded.tensors()[k], t)
+
+
+def test_a_tensor_in_both_parts_is_refused_before_any_write():
+    """Regression: apply writes sparse then dense; the same tensor in both parts would make the
+    revert (which used to replay the same order) leave the sparse values in place."""
+    _, delta = trained_delta()
+    name = next(iter(delta.sparse))
+    plain = tiny_vit()
+    both = Delta(
+        sparse=dict(delta.sparse),
+        dense={**delta.dense, name: dict(plain.named_parameters())[name].detach() + 1},
+        meta=delta.meta,
+    )
+    before = {n: t.clone() for n, t in plain.state_dict().items()}
+    with pytest.raises(DeltaError, match="both sparse and dense"):
+        apply_delta(plain, both)
+    for n, t in plain.state_dict().items():
+        assert torch.equal(t, before[n])
+
+
+def test_revert_undoes_the_writes_in_reverse_order():
+    _, delta = trained_delta()
+    plain = tiny_vit()
+    before = {n: t.clone() for n, t in plain.state_dict().items()}
+    handles = [apply_delta(plain, delta) for _ in range(2)]  # applied twice, reverted twice
+    for h in reversed(handles):
+        revert_delta(plain, delta, h)
+    for n, t in plain.state_dict().items():
+        assert torch.equal(t, before[n]), n

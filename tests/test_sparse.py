@@ -303,3 +303,21 @@ def test_saves_only_the_input_columns_it_needs(gather_cost):
     F.linear(x2, w, lin.bias).square().sum().backward()
     torch.testing.assert_close(values.grad, wv.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_trained_attached_model_still_hashes_as_its_base():
+    """Regression: the sampled Linear path caches W_eff in the base tensor; the base hash of a
+    trained, still-attached model must remain the pretrained one (every kind of tensor)."""
+    from shpeft.backbones import hash_backbone
+
+    pretrained = hash_backbone(tiny_vit())
+    model, base, masks, params = sparse_model(ratio=0.2)
+    touched = {n for n, m in masks.items() if m.any()}
+    # the selection reaches a sampled-path Linear weight and a top-level tensor
+    assert any(n.endswith("qkv.weight") or n.endswith("fc1.weight") for n in touched)
+    assert {"pos_embed", "cls_token"} & touched
+    assert hash_backbone(model) == pretrained
+    train_steps(model, params)
+    model(tiny_batches(1)[0][0])  # a forward writes the trained values into the cache
+    assert hash_backbone(model) == pretrained
+    assert hash_backbone(merge_sparse(model)) != pretrained  # the merged model is not the base

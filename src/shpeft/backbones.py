@@ -35,7 +35,7 @@ import logging
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,11 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
+from shpeft.config import HEADS, BackboneConfig
+from shpeft.params import is_head
+
 log = logging.getLogger(__name__)
 
-HEADS = ("l2norm", "linear")
 # std of the fresh head's weights. Not zero: with a zero head every backbone gradient is zero and
 # the task-dependent importance (dE/dw at the pretrained weights) would be degenerate. 0.02 is
 # timm's ViT init and about nn.Linear's default scale for width 768.
@@ -66,73 +68,6 @@ _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 # Prefixes added by DDP, torch.compile and Lightning-style wrappers; stripped when all keys share one.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _warned_quickgelu: set[str] = set()
-
-
-@dataclass
-class BackboneConfig:
-    """Which backbone to build and how to load it."""
-
-    model: str = field(
-        default="vit_base_patch16_clip_224.openai",
-        metadata={
-            "help": "timm model name (e.g. vit_base_patch16_clip_224.openai) or a local model folder "
-            "holding card.json (shpeft), config.json + model.safetensors (timm hub layout) or a "
-            "Hugging Face CLIP export"
-        },
-    )
-    weights: str | None = field(
-        default=None,
-        metadata={
-            "help": "local weights file (.safetensors, .pth/.pt/.bin): timm, OpenCLIP or Hugging Face "
-            "CLIP keys; default: the model folder's file, else the hub when --pretrained"
-        },
-    )
-    pretrained: bool = field(
-        default=True,
-        metadata={
-            "help": "load pretrained weights when --weights is not given: the model folder's file, "
-            "or the Hugging Face hub for a timm name (needs internet); false: random init"
-        },
-    )
-    image_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "input size in pixels (square); default: the model's native size. The position "
-            "embedding is resampled to the new grid"
-        },
-    )
-    head: str = field(
-        default="l2norm",
-        metadata={
-            "help": "classification head: l2norm (paper: L2-normalised feature -> linear layer) or "
-            "linear (plain linear layer on the feature)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        # Paths are accepted for convenience and stored as str (the CLI and JSON configs use str)
-        if isinstance(self.model, Path):
-            self.model = str(self.model)
-        if isinstance(self.weights, Path):
-            self.weights = str(self.weights)
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ValueError(f"model must be a timm model name or a folder, got {self.model!r}")
-        if self.weights is not None and (
-            not isinstance(self.weights, str) or not self.weights.strip()
-        ):
-            raise ValueError(f"weights must be a file path or None, got {self.weights!r}")
-        if not isinstance(self.pretrained, bool):
-            raise ValueError(f"pretrained must be true or false, got {self.pretrained!r}")
-        if self.image_size is not None and (
-            isinstance(self.image_size, bool)
-            or not isinstance(self.image_size, int)
-            or self.image_size <= 0
-        ):
-            raise ValueError(
-                f"image_size must be a positive integer or None, got {self.image_size!r}"
-            )
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
 
 
 @dataclass(frozen=True)
@@ -352,7 +287,7 @@ def _build_from_timm_name(cfg: BackboneConfig, num_classes: int) -> VisionTransf
         if not from_hub:
             raise
         first_line = str(e).splitlines()[0] if str(e) else ""
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not download pretrained weights for {cfg.model!r} from the Hugging Face hub "
             f"({type(e).__name__}: {first_line}); pass --weights PATH to load a local file"
         ) from e
@@ -808,25 +743,31 @@ def load_weights(model: VisionTransformer, path: str | Path, *, name: str | None
 # --------------------------------------------------------------------------------------------
 # identity of a backbone
 
-_PARAMETRIZED = re.compile(r"(.*)\.parametrizations\.([^.]+)\.(original|\d+\..*)")
+_PARAMETRIZED = re.compile(r"(?:(.*)\.)?parametrizations\.([^.]+)\.(original|\d+\..*)")
 
 
 def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The model's state dict without the head (keys starting with ``head.``).
 
     Tensors reparametrised with ``torch.nn.utils.parametrize`` (as ``shpeft.sparse`` does) are
-    reported under their plain name with their *original* (base) value, and the parametrizations'
-    own state is left out, so a model with a sparse update attached still reports its base
-    backbone. The tensors share memory with the model (``state_dict`` semantics).
+    reported under their plain name with their base (pretrained) value, and the
+    parametrizations' own state is left out, so a model with a sparse update attached, trained
+    or not, still reports its base backbone. Where a parametrization keeps trained values in
+    ``original`` (shpeft's sampled Linear path caches ``W_eff`` there), its ``restore_base``
+    gives the base as a copy; every other tensor shares memory with the model.
     """
     out: dict[str, Tensor] = {}
     for k, v in model.state_dict().items():
-        if k.startswith("head."):
+        if is_head(k):
             continue
         if m := _PARAMETRIZED.fullmatch(k):
             if m.group(3) != "original":
                 continue
-            k = f"{m.group(1)}.{m.group(2)}"
+            owner = model.get_submodule(m.group(1)) if m.group(1) else model
+            for p in owner.parametrizations[m.group(2)]:
+                if hasattr(p, "restore_base"):
+                    v = p.restore_base(v)
+            k = f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)
         out[k] = v
     return out
 

@@ -11,17 +11,17 @@ the one before.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from shpeft.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -29,30 +29,9 @@ CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable (POSIX: the directory entry itself must be flushed)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` with :mod:`shpeft.io_utils`' durability (temporary file, fsync, rename)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_paths(run_dir: Path) -> list[Path]:

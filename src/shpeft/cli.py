@@ -16,36 +16,28 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shpeft import __version__
+from shpeft._version import __version__
 
 log = logging.getLogger("shpeft")
 
-# Errors a user can cause; anything else is a bug and keeps its traceback.
+# Errors the code raises on purpose for bad input or a bad environment: one line, exit status 2.
+# Anything else (a RuntimeError from torch, a KeyError, an AssertionError...) is a bug and keeps
+# its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    OSError,  # disk full, permissions, missing files: the message names the problem
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-    KeyError,
-    FloatingPointError,
-    RuntimeError,
+    ValueError,  # bad settings or data (DataError, DeltaError are ValueErrors)
+    OSError,  # missing files, permissions, disk full, no network: the message names the problem
+    FloatingPointError,  # training diverged: the message says how to resume or what to change
 )
 
 
 def _method_configs() -> dict[str, type]:
     from shpeft.methods import METHODS
 
-    return {name: cls.config_cls for name, cls in sorted(METHODS.items())}
+    return {name: info.config_cls for name, info in sorted(METHODS.items())}
 
 
 def _add_train_parser(sub) -> None:
-    from shpeft.backbones import BackboneConfig
-    from shpeft.config import add_dataclass_arguments
-    from shpeft.data import DataConfig
-    from shpeft.training import TrainConfig
+    from shpeft.config import BackboneConfig, DataConfig, TrainConfig, add_dataclass_arguments
 
     p = sub.add_parser(
         "train",
@@ -94,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run on a labelled dataset")
     p.add_argument("--run", required=True, help="run directory written by `shpeft train`")
-    p.add_argument("--data", required=True, help="folder, CSV manifest or MedMNIST .npz")
+    p.add_argument(
+        "--data",
+        help="folder, CSV manifest or MedMNIST .npz (default: the run's own recorded split, "
+        "from its split.json)",
+    )
     p.add_argument(
         "--data-format", default="auto", help="auto or a layout name (see `shpeft train --help`)"
     )
@@ -102,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         default="test",
         choices=("test", "val", "train", "all"),
-        help="split to use when the source has splits (else every sample)",
+        help="split to use when the source has splits (else every sample); without --data, "
+        "which of the run's own splits",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
@@ -116,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--output", "-o", help="CSV file to write (default: stdout)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image (default: report it on stderr, predict the "
+        "rest, exit with status 1)",
+    )
 
     p = sub.add_parser("merge", help="merge a run's delta into a plain timm checkpoint")
     p.add_argument("--run", required=True, help="run directory written by `shpeft train`")
@@ -164,11 +167,15 @@ def _read_config_file(path: str | None) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from shpeft.backbones import BackboneConfig
-    from shpeft.config import dataclass_from_args
-    from shpeft.data import DataConfig
-    from shpeft.methods import get_method
-    from shpeft.training import RunConfig, TrainConfig, train
+    from shpeft.config import (
+        BackboneConfig,
+        DataConfig,
+        RunConfig,
+        TrainConfig,
+        dataclass_from_args,
+    )
+    from shpeft.methods import method_info
+    from shpeft.training import train
 
     if args.resume:
         from shpeft.training import resume_run
@@ -184,7 +191,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return dataclass_from_args(cls, merged)
 
     tc = build(TrainConfig, "train")
-    method_cls = get_method(tc.method)
+    method_cls = method_info(tc.method)
+    _refuse_other_methods_flags(tc.method, given)
     cfg = RunConfig(
         backbone=build(BackboneConfig, "backbone"),
         data=build(DataConfig, "data"),
@@ -192,6 +200,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         method=build(method_cls.config_cls, "method"),
     )
     return _print_summary(train(cfg))
+
+
+def _refuse_other_methods_flags(method: str, given: dict) -> None:
+    """A flag of another method's config would be silently ignored: refuse it instead."""
+    from shpeft.config import flag
+    from shpeft.methods import METHODS
+
+    owners: dict[str, list[str]] = {}
+    for name, info in sorted(METHODS.items()):
+        for f in dataclasses.fields(info.config_cls):
+            owners.setdefault(f.name, []).append(name)
+    for field_name, methods in owners.items():
+        if field_name in given and method not in methods:
+            raise ValueError(
+                f"{flag(field_name)} is an option of --method {' / '.join(methods)}, not of "
+                f"--method {method}; drop it or choose that method"
+            )
 
 
 def _print_summary(metrics: dict) -> int:
@@ -203,38 +228,45 @@ def _print_summary(metrics: dict) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from shpeft.data import load_eval_data
+    from shpeft.data import load_eval_data, make_loader
     from shpeft.evaluate import evaluate, format_metrics
-    from shpeft.training import _write_json, load_run, make_loader
+    from shpeft.io_utils import write_json
+    from shpeft.runs import load_run, run_split_loader
 
-    model, classes, spec, _ = load_run(args.run, device=args.device)
-    ds = load_eval_data(
-        args.data,
-        image_size=spec.image_size,
-        mean=spec.mean,
-        std=spec.std,
-        classes=classes,
-        data_format=args.data_format,
-        split=args.split,
-        interpolation=spec.interpolation,
-    )
-    device = next(model.parameters()).device
-    metrics = evaluate(
-        model, make_loader(ds, args.batch_size, seed=0, shuffle=False), classes, device
-    )
-    metrics["data"] = str(args.data)
-    out = Path(args.out) if args.out else Path(args.run) / f"eval_{Path(args.data).stem}.json"
-    _write_json(out, metrics)
+    model, classes, spec, conf = load_run(args.run, device=args.device)
+    if args.data is None:  # the run's own recorded split (split.json), e.g. its test set
+        split = "test" if args.split == "all" else args.split
+        loader = run_split_loader(args.run, conf, spec, split, args.batch_size)
+        name = f"own_{split}"
+    else:
+        ds = load_eval_data(
+            args.data,
+            image_size=spec.image_size,
+            mean=spec.mean,
+            std=spec.std,
+            classes=classes,
+            data_format=args.data_format,
+            split=args.split,
+            interpolation=spec.interpolation,
+        )
+        loader = make_loader(ds, args.batch_size, seed=0, shuffle=False)
+        name = Path(args.data).stem
+    metrics = evaluate(model, loader, classes, next(model.parameters()).device)
+    metrics["data"] = str(args.data) if args.data else f"{args.run} (its recorded {name[4:]} split)"
+    out = Path(args.out) if args.out else Path(args.run) / f"eval_{name}.json"
+    write_json(out, metrics)
     print(format_metrics(metrics))
     log.info("metrics written to %s", out)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict every image; an unreadable one is reported and skipped (exit status 1), or,
+    with ``--strict``, stops the command (exit status 2)."""
     import torch
 
-    from shpeft.data import ImageFileDataset, list_images
-    from shpeft.training import load_run, make_loader
+    from shpeft.data import DataError, ImageFileDataset, list_images
+    from shpeft.runs import load_run
 
     model, classes, spec, _ = load_run(args.run, device=args.device)
     paths = list_images(args.images)
@@ -246,23 +278,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
         interpolation=spec.interpolation,
     )
     device = next(model.parameters()).device
+    skipped: list[tuple[str, str]] = []
+
+    def batches():
+        xs, names = [], []
+        for i in range(len(ds)):
+            try:
+                x, path = ds[i]
+            except (DataError, OSError) as e:
+                if args.strict:
+                    raise
+                skipped.append((ds.paths[i], str(e)))
+                log.warning("skipped %s: %s", ds.paths[i], e)
+                continue
+            xs.append(x)
+            names.append(path)
+            if len(xs) == args.batch_size:
+                yield torch.stack(xs), names
+                xs, names = [], []
+        if xs:
+            yield torch.stack(xs), names
+
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open(args.output, "w", newline="")) if args.output else sys.stdout
         writer = csv.writer(out)
         writer.writerow(["path", "prediction", *[f"prob_{c}" for c in classes]])
         with torch.no_grad():
-            for x, batch_paths in make_loader(ds, args.batch_size, seed=0, shuffle=False):
+            for x, batch_paths in batches():
                 probs = model(x.to(device)).float().softmax(-1).cpu()
                 for path, pr in zip(batch_paths, probs, strict=True):
                     writer.writerow(
                         [path, classes[int(pr.argmax())], *[f"{v:.6f}" for v in pr.tolist()]]
                     )
+                out.flush()
+    if skipped:
+        print(
+            f"shpeft predict: {len(skipped)} of {len(ds)} image(s) could not be read and were "
+            f"skipped (first: {skipped[0][0]}: {skipped[0][1]})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from shpeft.delta import atomic_save_safetensors
-    from shpeft.training import load_run, method_from_config
+    from shpeft.runs import load_run, method_from_config
 
     model, classes, spec, conf = load_run(args.run, device="cpu")
     model = method_from_config(conf).merge(model)
@@ -285,9 +346,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from shpeft.methods import METHODS
 
     width = max(len(n) for n in METHODS)
-    for name, cls in sorted(METHODS.items()):
-        merge = "" if cls.mergeable else "  [not mergeable]"
-        print(f"{name:<{width}}  {cls.summary}{merge}")
+    for name, info in sorted(METHODS.items()):
+        merge = "" if info.mergeable else "  [not mergeable]"
+        print(f"{name:<{width}}  {info.summary}{merge}")
     return 0
 
 
@@ -338,8 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         if args.debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"shpeft {args.command}: error: {msg}", file=sys.stderr)
+        print(f"shpeft {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

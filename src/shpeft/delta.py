@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from shpeft.io_utils import atomic_path
 
 FORMAT = "shpeft-delta"
 FORMAT_VERSION = 2
@@ -178,6 +179,11 @@ class Delta:
                 f"({self.meta.get('base_model', '?')}, hash {want[:12]}...), not on the loaded one "
                 f"(hash {base_hash[:12]}...); load the base weights it was made for"
             )
+        both = sorted(set(self.sparse) & set(self.dense))
+        if both:
+            raise DeltaError(
+                f"delta stores {both[0]!r} both sparse and dense; one tensor, one part"
+            )
         for name, (idx, val) in self.sparse.items():
             if name not in params:
                 raise DeltaError(f"delta names {name!r}, which the model does not have")
@@ -262,19 +268,10 @@ def content_hash(tensors: dict[str, Tensor], meta_json: str) -> str:
 def atomic_save_safetensors(
     tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> Path:
-    """safetensors ``save_file`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """safetensors ``save_file`` with :mod:`shpeft.io_utils`' durability."""
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 @dataclass
@@ -314,10 +311,10 @@ def apply_delta(model: nn.Module, delta: Delta, *, base_hash: str | None = None)
 
 @torch.no_grad()
 def revert_delta(model: nn.Module, delta: Delta, handle: RevertHandle) -> None:
-    """Undo :func:`apply_delta` exactly (bit for bit)."""
+    """Undo :func:`apply_delta` exactly (bit for bit): its writes undone in reverse order."""
     params = _plain_params(model)
-    for name, (idx, _) in delta.sparse.items():
+    for name, t in reversed(handle.dense.items()):
+        params[name].copy_(t)
+    for name, (idx, _) in reversed(delta.sparse.items()):
         flat = params[name].view(-1)
         flat[idx.to(device=flat.device, dtype=torch.long)] = handle.sparse[name].to(flat.device)
-    for name, t in handle.dense.items():
-        params[name].copy_(t)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from shpeft.io_utils import write_json, write_text
+
 __all__ = [
     "PRETRAIN_DIGITS",
     "TRANSFER_DIGITS",
@@ -247,7 +249,7 @@ def pretrain_backbone(
         label_smoothing: Cross-entropy label smoothing.
         max_shift: Maximum random translation in pixels (0 disables augmentation).
         threads: If given, ``torch.set_num_threads(threads)`` for the run (restored afterwards).
-        progress: Show a tqdm bar over epochs.
+        progress: Show progress over epochs.
         name: Model name written to the card.
 
     Returns:
@@ -259,7 +261,8 @@ def pretrain_backbone(
         64 because, at equal step count, it halves the compute with the same accuracy.
     """
     from timm.models.vision_transformer import VisionTransformer
-    from tqdm.auto import tqdm
+
+    from shpeft.progress import progress_bar
 
     npz_path, out_dir = Path(npz_path), Path(out_dir)
     prev_threads = torch.get_num_threads()
@@ -329,7 +332,7 @@ def pretrain_backbone(
         history = []
         step = 0
         model.train()
-        bar = tqdm(range(epochs), desc=f"pretrain {name}", disable=not progress, leave=False)
+        bar = progress_bar(range(epochs), desc=f"pretrain {name}", enabled=progress, leave=False)
         for ep in bar:
             perm = torch.randperm(n_train, generator=gen)
             run_loss, run_correct, run_n = 0.0, 0, 0
@@ -443,7 +446,7 @@ def pretrain_backbone(
             "use": "Build VisionTransformer(**kwargs) and load_state_dict(strict=True); replicate "
             "grayscale to 3 channels and normalise with input.mean/std.",
         }
-        (out_dir / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+        write_json(out_dir / "card.json", card, indent=1)
         return out_dir
     finally:
         torch.set_num_threads(prev_threads)
@@ -472,7 +475,7 @@ def run_demo(
     """
     from shpeft.backbones import BackboneConfig
     from shpeft.data import DataConfig
-    from shpeft.methods import get_method
+    from shpeft.methods import METHODS
     from shpeft.training import RunConfig, TrainConfig, train
 
     out = Path(out)
@@ -491,7 +494,11 @@ def run_demo(
     rows = []
     for i, name in enumerate(methods):
         print(f"[2/2] fine-tuning on digits 5-9 with {name} ({i + 1}/{len(methods)})", flush=True)
-        method_cfg = get_method(name).config_cls(**({"ratio": ratio} if name == "shpeft" else {}))
+        info = METHODS[name]
+        # SH-PEFT's budget is the demo's --ratio; other methods keep their own defaults
+        method_cfg = info.config_cls(
+            **({info.budget_field: ratio} if info.budget_field == "ratio" else {})
+        )
         cfg = RunConfig(
             backbone=BackboneConfig(model=str(backbone)),
             data=DataConfig(data=str(transfer_npz), augment="none"),
@@ -523,7 +530,7 @@ def run_demo(
             }
         )
     table = format_demo_table(rows)
-    (out / "results.md").write_text(table + "\n")
+    write_text(out / "results.md", table + "\n")
     print(
         "\n"
         + table

@@ -144,7 +144,7 @@ def predict(
         model: Classifier returning ``(B, C)`` logits.
         loader: Iterable of ``(x, y)`` batches; ``y`` may be ``(B,)`` or MedMNIST-style ``(B, 1)``.
         device: Device to run on.
-        desc: Label of the tqdm progress bar.
+        desc: Label of the progress display.
         progress: Show the progress bar.
 
     Returns:
@@ -153,14 +153,14 @@ def predict(
     Raises:
         ValueError: If the loader yields no batches.
     """
-    from tqdm.auto import tqdm
+    from shpeft.progress import progress_bar
 
     was_training = model.training
     model.eval()
     all_labels: list[np.ndarray] = []
     all_probs: list[np.ndarray] = []
     try:
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        for batch in progress_bar(loader, desc=desc, enabled=progress, leave=False):
             x, y = batch[0], batch[1]
             logits = model(x.to(device))
             # Softmax in float32 even under reduced-precision models, for stable probabilities.

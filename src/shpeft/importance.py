@@ -29,13 +29,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from shpeft import distributed
+from shpeft.methods.configs import MIXES, STRATEGIES
+from shpeft.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("l2", "l1", "td-l2", "td-l1", "ta", "ta-l1", "ta-l2")
 
 
 def is_excluded(name: str, exclude: Sequence[str]) -> bool:
@@ -140,7 +139,7 @@ def importance_terms(
     try:
         batches = itertools.islice(loader, num_batches) if num_batches else loader
         total = num_batches or (len(loader) if hasattr(loader, "__len__") else None)
-        bar = tqdm(batches, total=total, desc="importance", disable=not progress)
+        bar = progress_bar(batches, total=total, desc="importance", enabled=progress)
         for images, labels in bar:
             if world > 1 and seen % world != me:  # another rank's batch
                 seen += 1
@@ -184,10 +183,6 @@ def importance_terms(
     td = {n: (a if l2 else a.abs_()).cpu() for n, a in zip(names, acc, strict=True)}
     grad_sq = td if l2 else {n: a.cpu() for n, a in zip(names, acc_sq, strict=True)}
     return ImportanceTerms(td, {n: t.cpu() for n, t in ta.items()}, grad_sq, seen)
-
-
-#: The ways of putting the two terms on one scale before adding them (``ShpeftConfig.mix``).
-MIXES = ("paper", "tensor", "rank")
 
 
 def term_parts(

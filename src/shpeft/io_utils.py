@@ -11,14 +11,24 @@ created. Nothing here imports torch.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "fsync_dir", "write_json"]
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_bytes",
+    "fsync_dir",
+    "write_csv",
+    "write_json",
+    "write_text",
+]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -71,3 +81,19 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
     """Write ``obj`` as JSON (``default=str`` for paths and the like) with a final newline."""
     text = json.dumps(obj, indent=indent, default=str, ensure_ascii=False) + "\n"
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Replace ``path`` with ``text`` (UTF-8) durably."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_csv(
+    path: str | os.PathLike, header: Sequence[Any], rows: Iterable[Sequence[Any]]
+) -> Path:
+    """Write a CSV file (header row first) durably."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return write_text(path, buf.getvalue())

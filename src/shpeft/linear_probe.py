@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from shpeft.progress import progress_bar
+
 log = logging.getLogger("shpeft")
 
 #: Inverse regularisation strengths tried (half-decade steps), for features scaled to unit RMS
@@ -54,7 +56,6 @@ def head_features(
     Returns float32 ``(N, D)`` features and int64 ``(N,)`` labels.
     """
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
@@ -62,7 +63,7 @@ def head_features(
     device = torch.device(device)
     try:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        for x, y in tqdm(loader, desc="features", leave=False, disable=not progress):
+        for x, y in progress_bar(loader, desc="features", enabled=progress, leave=False):
             ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
             with ctx:
                 f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)

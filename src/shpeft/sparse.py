@@ -275,11 +275,25 @@ class SparseUpdate(nn.Module):
         self.register_buffer("indices", indices, persistent=False)
         self.values = nn.Parameter(base.detach().reshape(-1)[indices].clone())
         self.plan = plan
+        if plan is not None:
+            # the sampled path writes W_eff into the base tensor (its cache): keep the
+            # pretrained values of the selected entries (O(k)) to report the base exactly
+            self.register_buffer("base_values", self.values.detach().clone(), persistent=False)
         self._synced: tuple[int, int, int, int] | None = None
 
     def forward(self, base: Tensor) -> Tensor:
         flat = base.reshape(-1).index_put((self.indices,), self.values)  # out of place
         return flat.view(base.shape)
+
+    @torch.no_grad()
+    def restore_base(self, original: Tensor) -> Tensor:
+        """The pretrained tensor, from the parametrization's ``original`` (a copy when the
+        sampled path has written trained values into it, else ``original`` itself)."""
+        if self.plan is None:
+            return original
+        out = original.detach().clone()
+        out.view(-1).index_copy_(0, self.indices, self.base_values.to(out.dtype))
+        return out
 
     @torch.no_grad()
     def sync_(self, base: Tensor) -> Tensor:
@@ -366,10 +380,10 @@ def attach_sparse(
     trainable = []
     for name, idx in indices.items():
         if name not in params:
-            raise KeyError(f"no parameter named {name!r} in the model")
+            raise ValueError(f"no parameter named {name!r} in the model")
         base = params[name]
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= base.numel()):
-            raise IndexError(f"indices for {name!r} out of range [0, {base.numel()})")
+            raise ValueError(f"indices for {name!r} out of range [0, {base.numel()})")
         owner, attr = _owner(model, name)
         base.requires_grad_(False)
         plan = None

@@ -1,21 +1,25 @@
-"""The training loop shared by every method: data -> model -> method.prepare -> SGD -> delta.
+"""The training loop shared by every method: data -> model -> head -> method.prepare -> fit -> delta.
 
-Reads top to bottom (nanoGPT style). The paper's recipe is the default: SGD with momentum 0.9,
-batch 64, lr 1e-3, cosine annealing over 40k iterations; validation every ``eval_every``
-iterations keeps the best trainable state by validation macro F1; the test split is touched once,
-at the end, with that best state.
+Reads top to bottom (after nanoGPT's ``train.py``): the small pieces of the recipe first
+(optimizer, schedule, batch order, augmentation), then the phases of one run in the order they
+happen (:func:`setup`, :func:`record`, :func:`warm_start`, :func:`prepare`, :func:`fit`,
+:func:`finish`), then :func:`train`, which calls them. The paper's recipe is the default: SGD
+with momentum 0.9, batch 64, lr 1e-3, cosine annealing over 40k iterations; validation every
+``eval_every`` iterations keeps the best trainable state by validation macro F1; the test split is
+touched once, at the end, with that best state. What a run writes and how it is read back is
+:mod:`shpeft.runs`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import logging
 import math
 import os
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,176 +30,37 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
-from tqdm.auto import tqdm
 
-from shpeft import __version__, distributed
-from shpeft.backbones import BackboneConfig, create_model, hash_backbone, make_head
+from shpeft import distributed
+from shpeft._version import __version__
+from shpeft.backbones import InputSpec, create_model, hash_backbone, make_head
 from shpeft.checkpoint import RunLock, checkpoint_paths, load_latest_checkpoint, save_checkpoint
-from shpeft.config import from_dict, to_dict
-from shpeft.data import DataConfig, check_leakage_cheap, load_data, load_eval_data
+from shpeft.config import BackboneConfig, DataConfig, RunConfig, TrainConfig, from_dict, to_dict
+from shpeft.data import DataBundle, check_leakage_cheap, load_data, make_loader
 from shpeft.delta import atomic_save_safetensors
-from shpeft.evaluate import evaluate, format_metrics, save_confusion_matrix_png
+from shpeft.evaluate import evaluate
+from shpeft.io_utils import write_json
 from shpeft.linear_probe import warm_start_head
-from shpeft.methods import Method, MethodConfig, PrepareContext, get_method
+from shpeft.methods import Method, PrepareContext
+from shpeft.params import is_head
+from shpeft.progress import progress_bar
+from shpeft.runs import (
+    environment,
+    load_run_config,
+    method_from_config,
+    prepare_run_dir,
+    resolve_device,
+    save_test_confusion,
+    truncate_log,
+)
 
 log = logging.getLogger("shpeft")
 
-
-@dataclass
-class TrainConfig:
-    """Optimisation recipe and run bookkeeping (defaults: the paper's recipe)."""
-
-    out: str = field(default="runs/shpeft", metadata={"help": "run directory to create"})
-    method: str = field(default="shpeft", metadata={"help": "PEFT method (see `shpeft methods`)"})
-    iterations: int = field(default=40000, metadata={"help": "optimizer steps (paper: 40000)"})
-    batch_size: int = field(default=64, metadata={"help": "mini-batch size (paper: 64)"})
-    optimizer: str = field(
-        default="sgd",
-        metadata={
-            "help": "sgd (the paper: SGD with --momentum) or adamw (AdamW, betas 0.9/0.999; "
-            "scale-free per scalar, the usual choice for PEFT of ViTs)",
-            "choices": ("sgd", "adamw"),
-        },
-    )
-    lr: float = field(default=1e-3, metadata={"help": "learning rate (paper: 1e-3)"})
-    head_lr: float | None = field(
-        default=None, metadata={"help": "learning rate of the head (default: --lr)"}
-    )
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)"})
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "weight decay (only on trained scalars)"}
-    )
-    schedule: str = field(
-        default="cosine",
-        metadata={"help": "learning-rate schedule", "choices": ("cosine", "constant")},
-    )
-    warmup_iterations: int = field(default=0, metadata={"help": "linear warm-up iterations"})
-    eval_every: int = field(
-        default=0, metadata={"help": "validate every N iterations (0: ten times per run)"}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "seed of the model head, data order and augmentation"}
-    )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing run directory"})
-    checkpoint_every: int = field(
-        default=0,
-        metadata={
-            "help": "write a resumable checkpoint every N iterations (0: at each validation)"
-        },
-    )
-    skip_nonfinite: bool = field(
-        default=False,
-        metadata={"help": "skip batches whose loss or gradient is not finite instead of stopping"},
-    )
-    eval_test: bool = field(
-        default=True,
-        metadata={
-            "help": "evaluate the test split at the end (off: the test split is not read; "
-            "`shpeft.training.evaluate_test` can do it later, e.g. for the lr search's runs)"
-        },
-    )
-    head_init: str = field(
-        default="random",
-        metadata={
-            "help": "how the new head starts: random (the paper) or linear-probe (logistic "
-            "regression on the frozen backbone's features, C chosen on validation, before the "
-            "method prepares: every method starts from the linear probe's optimum, as LP-FT)",
-            "choices": ("random", "linear-probe"),
-        },
-    )
-    feature_cache: str = field(
-        default="",
-        metadata={
-            "help": "folder caching the frozen features of --head-init linear-probe across runs "
-            "(empty: no cache)"
-        },
-    )
-    precision: str = field(
-        default="auto",
-        metadata={
-            "help": "training precision: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, or "
-            "bf16 (autocast; weights, optimizer state and importance stay float32)",
-            "choices": ("auto", "fp32", "bf16"),
-        },
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
-            raise ValueError(
-                f"learning rates must be > 0, got lr={self.lr}, head_lr={self.head_lr}"
-            )
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if (
-            min(self.weight_decay, self.warmup_iterations, self.eval_every, self.checkpoint_every)
-            < 0
-        ):
-            raise ValueError(
-                "weight_decay, warmup_iterations, eval_every and checkpoint_every must be >= 0"
-            )
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if self.head_init not in ("random", "linear-probe"):
-            raise ValueError(f"head_init must be random or linear-probe, got {self.head_init!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs; written resolved to ``config.json`` in the run directory."""
-
-    backbone: BackboneConfig
-    data: DataConfig
-    train: TrainConfig = field(default_factory=TrainConfig)
-    method: MethodConfig | None = None
-
-    def method_obj(self) -> Method:
-        return get_method(self.train.method)(self.method)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def environment() -> dict[str, Any]:
-    """Versions and the git commit, recorded beside every result."""
-    commit = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                cwd=Path(__file__).resolve().parent,
-            ).stdout.strip()
-            or None
-        )
-    import timm
-
-    return {
-        "shpeft": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "git_commit": commit,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
+# ---------------------------------------------------------------------------------------------
+# The recipe's pieces
 
 
 def make_optimizer(tc: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -221,16 +86,6 @@ def lr_lambda(cfg: TrainConfig):
         return 0.5 * (1 + math.cos(math.pi * (it - cfg.warmup_iterations) / span))
 
     return f
-
-
-def make_loader(
-    dataset, batch_size: int, *, seed: int = 0, shuffle: bool = False, num_workers: int = 0
-):
-    """An evaluation / importance loader (fixed order, or one seeded shuffle)."""
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers
-    )
 
 
 class IterationBatchSampler(Sampler[list[int]]):
@@ -315,460 +170,6 @@ def count_trainable(
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a used run directory unless ``overwrite``, then clear what a run writes there.
-
-    Called with the run lock held, so a run in progress is never cleared under its feet.
-    """
-    used = [p for p in run_dir.iterdir() if p.name != ".lock"]
-    if used and not overwrite:
-        raise FileExistsError(
-            f"run directory {run_dir} exists and is not empty (use --overwrite, or --resume to continue it)"
-        )
-    for p in used:
-        if p.is_file() or p.is_symlink():
-            p.unlink()
-        elif p.name == "checkpoints":
-            shutil.rmtree(p)
-
-
-def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``.
-
-    Under ``torchrun`` (see :mod:`shpeft.distributed`) every process calls this: the model is
-    wrapped in DistributedDataParallel, each global batch is split across the ranks, and only
-    rank 0 writes the run directory and evaluates.
-
-    Args:
-        cfg: the run's configuration.
-        resume: continue the run in ``cfg.train.out`` from its newest readable checkpoint (the
-            method's saved selection is reused, nothing is re-estimated). The result is
-            bit-identical to an uninterrupted run on the same device and thread count.
-    """
-    own_group = distributed.init_from_env(cfg.train.device)
-    try:
-        return _train(cfg, resume=resume)
-    finally:
-        if own_group:
-            distributed.cleanup()
-
-
-def _train(cfg: RunConfig, *, resume: bool) -> dict[str, Any]:
-    tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = distributed.device_for_rank(resolve_device(tc.device))
-    method = cfg.method_obj()
-    cfg.method = method.config
-    torch.manual_seed(tc.seed)
-
-    # Model first (its input spec decides how images are resized and normalised); the head is
-    # replaced once the classes are known. Augmentation is applied here, per iteration, not in
-    # the dataset: that keeps it reproducible across resumes and loader workers.
-    model, spec = create_model(cfg.backbone, num_classes=2)
-    data = load_data(
-        replace(cfg.data, augment="none"),
-        image_size=spec.image_size,
-        mean=spec.mean,
-        std=spec.std,
-        interpolation=spec.interpolation,
-    )
-    # Refuse train/test leakage (exact duplicates across splits) before anything is written.
-    check_leakage_cheap(data, allow_leakage=cfg.data.allow_leakage)
-    classes = list(data.classes)
-    torch.manual_seed(tc.seed)
-    model.head = make_head(cfg.backbone.head, model.head.in_features, len(classes))
-    model.num_classes = len(classes)
-    model.to(device)
-    base_hash = hash_backbone(model)
-
-    run_dir = Path(tc.out)
-    if resume and not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"nothing to resume: {run_dir} has no config.json")
-    if not distributed.is_main():
-        # DDP: only rank 0 writes the run directory. The other ranks run the same code but
-        # write into a throwaway folder, and read the real one (to resume) through src_dir.
-        with tempfile.TemporaryDirectory(prefix=f"shpeft-rank{distributed.rank()}-") as tmp:
-            return _train_locked(
-                cfg, method, model, spec, data, classes, base_hash, device, Path(tmp), resume,
-                src_dir=run_dir,
-            )  # fmt: skip
-    fresh = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        if not resume:
-            prepare_run_dir(run_dir, tc.overwrite)
-        try:
-            return _train_locked(
-                cfg, method, model, spec, data, classes, base_hash, device, run_dir, resume
-            )
-        except BaseException:
-            # A run that failed before writing anything resumable (e.g. a method's settings do
-            # not fit the model) leaves no half-made directory behind.
-            resumable = checkpoint_paths(run_dir) or (run_dir / "method_state.safetensors").exists()
-            if fresh and not resume and not resumable:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-
-
-def _train_locked(
-    cfg, method, model, spec, data, classes, base_hash, device, run_dir, resume, src_dir=None
-):
-    tc = cfg.train
-    src_dir = src_dir or run_dir  # where a resume reads from (differs on DDP ranks > 0)
-    main, world = distributed.is_main(), distributed.world_size()
-    resolved = {
-        "backbone": to_dict(cfg.backbone),
-        "data": to_dict(cfg.data),
-        "train": to_dict(tc),
-        "method": to_dict(method.config),
-        "classes": classes,
-        "input": to_dict(spec),
-        "base_hash": base_hash,
-        "environment": environment(),
-    }
-    state = load_latest_checkpoint(src_dir) if resume else None
-    if resume:
-        saved = load_run_config(src_dir)
-        if saved.get("base_hash") != base_hash:
-            raise ValueError(
-                f"cannot resume {run_dir}: its base backbone weights differ from the loaded ones"
-            )
-    else:
-        _write_json(run_dir / "config.json", resolved)
-        _write_json(run_dir / "split.json", data.split_record)
-    start = int(state["iteration"]) if state else 0
-    log_path = run_dir / "train_log.jsonl"
-    _truncate_log(log_path, start)
-
-    def log_row(row: dict) -> None:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    nw = cfg.data.num_workers
-    val_loader = make_loader(data.val, tc.batch_size, num_workers=nw) if data.val else None
-    test_loader = make_loader(data.test, tc.batch_size, num_workers=nw) if data.test else None
-
-    def importance_loader():
-        # One epoch of the training split in a fixed, seeded order (no augmentation).
-        return make_loader(
-            data.train, tc.batch_size, seed=tc.seed + 1, shuffle=True, num_workers=nw
-        )
-
-    amp = autocast_dtype(tc.precision, device)
-    if tc.head_init == "linear-probe":
-        # Deterministic (and cached), so a resumed run repeats it exactly before its checkpoint
-        # restores the trained head.
-        record = warm_start_head(
-            model,
-            data.train,
-            data.val,
-            len(classes),
-            normalize=cfg.backbone.head == "l2norm",
-            key_parts=_feature_key_parts(cfg, spec, data, base_hash, amp, device),
-            cache_dir=tc.feature_cache or None,
-            batch_size=max(tc.batch_size, 64),
-            device=device,
-            amp=amp,
-            progress=tc.progress and main,
-        )
-        if not resume:
-            _write_json(run_dir / "head_init.json", record)
-
-    # The method's data-driven choices (e.g. SH-PEFT's selection) are saved once and reused on
-    # resume, never re-estimated.
-    method_state_path = run_dir / "method_state.safetensors"
-    saved_path = src_dir / "method_state.safetensors"
-    saved_state = load_file(str(saved_path)) if resume and saved_path.is_file() else None
-    ctx = PrepareContext(
-        importance_loader=importance_loader,
-        device=device,
-        run_dir=run_dir,
-        progress=tc.progress and main,
-        saved_state=saved_state,
-    )
-    n_backbone = backbone_size(model)
-    t0 = time.perf_counter()
-    trainable = method.prepare(model, ctx)
-    prepare_s = time.perf_counter() - t0
-    if saved_state is None:
-        atomic_save_safetensors(method.state(model), method_state_path)
-        for name, art in ctx.artifacts.items():
-            _write_json(run_dir / f"{name}.json", art)
-        # prepare may have settled data-driven settings (e.g. SPT's LoRA modules): record them
-        resolved["method"] = to_dict(method.config)
-        _write_json(run_dir / "config.json", resolved)
-    counts = count_trainable(model, trainable, n_backbone)
-    log.info(
-        "%s: %d trainable backbone scalars (%.4f%% of %d) + %d head",
-        method.name,
-        counts["backbone_trainable"],
-        counts["backbone_trainable_pct"],
-        counts["backbone_params"],
-        counts["head_trainable"],
-    )
-
-    head_ids = {id(p) for n, p in model.named_parameters() if n.startswith("head.")}
-    groups = [
-        {"params": [p for p in trainable if id(p) not in head_ids], "lr": tc.lr},
-        {"params": [p for p in trainable if id(p) in head_ids], "lr": tc.head_lr or tc.lr},
-    ]
-    opt = make_optimizer(tc, [g for g in groups if g["params"]])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
-    best: dict[str, Any] = {"macro_f1": -1.0, "iteration": None, "val": None}
-    best_state: list[torch.Tensor] | None = None
-    skipped = 0
-    if state is not None:
-        with torch.no_grad():
-            for p, v in zip(trainable, state["trainable"], strict=True):
-                p.copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        best = json.loads(state["best"])
-        best_state = state["best_state"]
-        skipped = int(state.get("skipped", 0))
-        torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and state.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-
-    def checkpoint(it: int) -> None:
-        save_checkpoint(
-            run_dir,
-            {
-                "iteration": it,
-                "trainable": [p.detach().cpu() for p in trainable],
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "best": json.dumps(best),
-                "best_state": best_state,
-                "skipped": skipped,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-        )
-
-    eval_every = tc.eval_every or max(1, tc.iterations // 10)
-    ckpt_every = tc.checkpoint_every or eval_every
-    sampler = IterationBatchSampler(len(data.train), tc.batch_size, tc.seed, start, tc.iterations)
-    # --- DDP: one equal slice of every global batch per rank; DDP averages the gradients, which
-    # equals the gradient of the whole batch's mean loss. Single process: net is model.
-    net: nn.Module = model
-    batch_sampler: Sampler[list[int]] = sampler
-    if world > 1:
-        if sampler.bs % world:
-            raise ValueError(
-                f"batch size {sampler.bs} must be divisible by the number of processes {world}"
-            )
-        batch_sampler = RankSlice(sampler, distributed.rank(), world)
-        net = DistributedDataParallel(
-            model,
-            device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # no running statistics in a ViT; plans are buffers
-            static_graph=True,  # the same trainable tensors are used at every step
-        )
-    # --- end DDP
-    loader = DataLoader(data.train, batch_sampler=batch_sampler, num_workers=nw)
-    if main and val_loader is not None and start == 0 and tc.head_init == "linear-probe":
-        # The warm start is a candidate too: the best validation state may be the linear probe.
-        m = evaluate(model, val_loader, classes, device)
-        log_row({"iteration": 0, "val": {k: m[k] for k in ("macro_f1", "accuracy", "auc")}})
-        best = {"macro_f1": m["macro_f1"], "iteration": 0, "val": m}
-        best_state = [p.detach().cpu().clone() for p in trainable]
-    model.train()
-    t_start, seen = time.perf_counter(), 0
-    bar = tqdm(
-        zip(range(start + 1, tc.iterations + 1), loader, strict=False),
-        total=len(sampler),
-        initial=0,
-        desc=f"train {method.name}",
-        disable=not (tc.progress and main),
-        dynamic_ncols=True,
-    )
-    for it, (x, y) in bar:
-        x = x.to(device, non_blocking=True)
-        if world > 1:  # this rank's slice of the global batch's augmentation draws
-            off = distributed.rank() * x.shape[0]
-            x = augment_batch(x, cfg.data.augment, tc.seed, it, offset=off, total=sampler.bs)
-        else:
-            x = augment_batch(x, cfg.data.augment, tc.seed, it)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
-            loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
-        if world > 1:
-            # one verdict for all ranks, and every rank joins DDP's gradient all-reduce (a
-            # skipped backward on one rank would stall the others); the step is skipped below
-            finite = distributed.all_true(finite, device)
-        if finite or world > 1:
-            loss.backward()
-            # one reduction, one sync: any NaN/Inf gradient makes the sum non-finite
-            finite = finite and bool(
-                torch.isfinite(sum(p.grad.float().sum() for p in trainable if p.grad is not None))
-            )
-        if finite:
-            opt.step()
-        elif tc.skip_nonfinite:
-            skipped += 1
-            log.warning("non-finite loss or gradient at iteration %d: batch skipped", it)
-        else:
-            raise FloatingPointError(
-                f"non-finite loss or gradient at iteration {it} (loss {loss.item()}); the last "
-                f"good checkpoint in {run_dir / 'checkpoints'} can be resumed with --resume, "
-                "or rerun with --skip-nonfinite or a lower --lr"
-            )
-        sched.step()
-        seen += x.shape[0] * world
-        if it % 10 == 0 or it == tc.iterations:
-            rate = seen / (time.perf_counter() - t_start)
-            lr = sched.get_last_lr()[0]
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-            log_row({"iteration": it, "loss": loss.item(), "lr": lr, "img_per_s": rate})
-        if main and val_loader is not None and (it % eval_every == 0 or it == tc.iterations):
-            m = evaluate(model, val_loader, classes, device)
-            log_row({"iteration": it, "val": {k: m[k] for k in ("macro_f1", "accuracy", "auc")}})
-            if m["macro_f1"] > best["macro_f1"]:
-                best = {"macro_f1": m["macro_f1"], "iteration": it, "val": m}
-                best_state = [p.detach().cpu().clone() for p in trainable]
-            model.train()
-        if main and (it % ckpt_every == 0 or it == tc.iterations):
-            checkpoint(it)
-    train_s = time.perf_counter() - t_start
-    if best_state is not None:  # restore the best validation state before export and test
-        with torch.no_grad():
-            for p, v in zip(trainable, best_state, strict=True):
-                p.copy_(v)
-
-    delta = method.delta(model)
-    delta.meta.update(method.meta())
-    delta.meta.update(
-        {
-            "base_model": cfg.backbone.model,
-            "base_hash": base_hash,
-            "shpeft_version": __version__,
-            "classes": classes,
-            "head": cfg.backbone.head,
-            "image_size": spec.image_size,
-            "iteration": tc.iterations if best["iteration"] is None else best["iteration"],
-        }
-    )
-    delta_path = delta.save(run_dir / "delta.safetensors")
-
-    metrics: dict[str, Any] = {
-        "method": method.name,
-        "trainable": counts,
-        "iterations": tc.iterations,
-        "best_iteration": best["iteration"],
-        "resumed_from": start or None,
-        "skipped_batches": skipped,
-        "prepare_s": prepare_s,
-        "train_s": train_s,
-        "delta_bytes": delta_path.stat().st_size,
-        "val": best.get("val"),
-    }
-    if main and test_loader is not None and not tc.eval_test:
-        metrics["test_skipped"] = True  # read later, once, by evaluate_test() if at all
-    elif main and test_loader is not None:
-        metrics["test"] = evaluate(model, test_loader, classes, device)
-        _save_test_confusion(metrics["test"], classes, run_dir, method.name)
-    _write_json(run_dir / "metrics.json", metrics)
-    return metrics
-
-
-def _feature_key_parts(cfg: RunConfig, spec, data, base_hash: str, amp, device) -> dict[str, Any]:
-    """What the linear probe's frozen features depend on (keys the feature cache)."""
-    import hashlib
-
-    ids = {s: (data.split_record["splits"].get(s) or {}).get("ids") for s in ("train", "val")}
-    return {
-        "base_hash": base_hash,
-        "input": to_dict(spec),
-        "source": data.split_record.get("source_resolved"),
-        "format": data.split_record.get("format"),
-        "ids": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
-        "amp": str(amp),
-        "device": device.type,
-        "head": cfg.backbone.head,
-    }
-
-
-def _save_test_confusion(test: dict[str, Any], classes, run_dir: Path, name: str) -> None:
-    save_confusion_matrix_png(
-        test["confusion_matrix"], classes, run_dir / "confusion_matrix_test.png",
-        title=f"{name}: test",
-    )  # fmt: skip
-    log.info("test:\n%s", format_metrics(test))
-
-
-def run_split_loader(
-    run_dir: str | os.PathLike,
-    conf: dict[str, Any],
-    spec,
-    split: str,
-    batch_size: int | None = None,
-) -> DataLoader:
-    """One split of a run's own data, exactly the ids its ``split.json`` records, in fixed order.
-
-    Only that split is read and decoded. ``batch_size`` defaults to the run's training batch size.
-    """
-    record = Path(run_dir) / "split.json"
-    if not record.is_file():
-        raise FileNotFoundError(f"{run_dir} has no split.json: its {split} split is unknown")
-    ds = load_eval_data(
-        conf["data"]["data"],
-        image_size=spec.image_size,
-        mean=spec.mean,
-        std=spec.std,
-        classes=list(conf["classes"]),
-        data_format=conf["data"].get("data_format", "auto"),
-        split=split,
-        interpolation=spec.interpolation,
-        split_record=json.loads(record.read_text()),
-    )
-    return make_loader(
-        ds,
-        batch_size or conf["train"]["batch_size"],
-        seed=0,
-        shuffle=False,
-        num_workers=conf["data"].get("num_workers", 0),
-    )
-
-
-def evaluate_test(
-    run_dir: str | os.PathLike, *, device: str = "cpu", batch_size: int | None = None
-) -> dict[str, Any]:
-    """Evaluate a finished run trained with ``eval_test=False`` on its test split, once.
-
-    The test samples are exactly those of the run's ``split.json`` and the model is the exported
-    (best-validation) state in ``delta.safetensors``, the same state ``train`` would have tested.
-    ``metrics.json`` gains ``test`` (and loses ``test_skipped``); the updated metrics are returned.
-
-    Raises:
-        ValueError: the run already has test metrics (the test split is read once per run).
-        FileNotFoundError: not a finished run directory.
-    """
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished run (no metrics.json)")
-    metrics = json.loads(metrics_path.read_text())
-    if metrics.get("test") is not None:
-        raise ValueError(f"{run_dir} already has test metrics; the test split is read once")
-    model, classes, spec, conf = load_run(run_dir, device=device)
-    loader = run_split_loader(run_dir, conf, spec, "test", batch_size)
-    metrics["test"] = evaluate(model, loader, classes, next(model.parameters()).device)
-    metrics.pop("test_skipped", None)
-    _save_test_confusion(metrics["test"], classes, run_dir, conf["train"]["method"])
-    _write_json(metrics_path, metrics)
-    return metrics
-
-
 class RankSlice(Sampler[list[int]]):
     """Rank ``rank``'s equal, contiguous share of every batch of ``sampler`` (DDP)."""
 
@@ -791,20 +192,463 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _truncate_log(path: Path, iteration: int) -> None:
-    """Drop log rows after ``iteration`` (written after the checkpoint a resume starts from)."""
-    if iteration == 0 or not path.is_file():
-        path.write_text("")
+def param_groups(model: nn.Module, trainable: list[nn.Parameter], tc: TrainConfig) -> list[dict]:
+    """Optimizer groups: the method's backbone tensors at ``lr``, the head at ``head_lr``."""
+    head_ids = {id(p) for n, p in model.named_parameters() if is_head(n)}
+    groups = [
+        {"params": [p for p in trainable if id(p) not in head_ids], "lr": tc.lr},
+        {"params": [p for p in trainable if id(p) in head_ids], "lr": tc.head_lr or tc.lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+@dataclass
+class Best:
+    """The best validation state so far (by macro F1; the earlier one wins ties)."""
+
+    macro_f1: float = -1.0
+    iteration: int | None = None
+    val: dict[str, Any] | None = None
+    state: list[Tensor] | None = None
+
+    def offer(self, it: int, metrics: dict[str, Any], trainable: list[nn.Parameter]) -> bool:
+        """Keep ``trainable``'s values if ``metrics`` beat the best; True when they did."""
+        if metrics["macro_f1"] <= self.macro_f1:
+            return False
+        self.macro_f1, self.iteration, self.val = metrics["macro_f1"], it, metrics
+        self.state = [p.detach().cpu().clone() for p in trainable]
+        return True
+
+    def restore(self, trainable: list[nn.Parameter]) -> None:
+        if self.state is not None:
+            with torch.no_grad():
+                for p, v in zip(trainable, self.state, strict=True):
+                    p.copy_(v)
+
+    def to_json(self) -> str:  # the state tensors are checkpointed apart
+        return json.dumps({"macro_f1": self.macro_f1, "iteration": self.iteration, "val": self.val})
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> Best:
+        b = json.loads(state["best"])
+        return cls(b["macro_f1"], b["iteration"], b["val"], state["best_state"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One run, phase by phase
+
+
+@dataclass
+class Job:
+    """What one run holds while it trains (built by :func:`setup`)."""
+
+    cfg: RunConfig
+    method: Method
+    model: nn.Module
+    spec: InputSpec
+    data: DataBundle
+    device: torch.device
+    base_hash: str
+    run_dir: Path
+    """Where this process writes (a throwaway folder on DDP ranks > 0)."""
+    src_dir: Path
+    """Where a resume reads from (the real run directory on every rank)."""
+    resume: bool
+    amp: torch.dtype | None = None
+    resolved: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tc(self) -> TrainConfig:
+        return self.cfg.train
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data.classes)
+
+    @property
+    def main(self) -> bool:
+        return distributed.is_main()
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def loader(self, split: str) -> DataLoader | None:
+        ds = getattr(self.data, split)
+        if ds is None:
+            return None
+        return make_loader(ds, self.tc.batch_size, num_workers=self.cfg.data.num_workers)
+
+
+def setup(cfg: RunConfig) -> tuple[RunConfig, Method, nn.Module, InputSpec, DataBundle, str]:
+    """Build the method, the model with its new head, and the data; refuse leakage.
+
+    The model comes first: its input spec decides how images are resized and normalised; the
+    head is replaced once the classes are known. Augmentation is applied per iteration in
+    :func:`fit`, not in the dataset: that keeps it reproducible across resumes and workers.
+    """
+    tc = cfg.train
+    method = cfg.method_obj()
+    cfg = replace(cfg, method=method.config)
+    torch.manual_seed(tc.seed)
+    model, spec = create_model(cfg.backbone, num_classes=2)
+    data = load_data(
+        replace(cfg.data, augment="none"),
+        image_size=spec.image_size,
+        mean=spec.mean,
+        std=spec.std,
+        interpolation=spec.interpolation,
+    )
+    # refuse train/test leakage (exact duplicates across splits) before anything is written
+    check_leakage_cheap(data, allow_leakage=cfg.data.allow_leakage)
+    torch.manual_seed(tc.seed)
+    model.head = make_head(cfg.backbone.head, model.head.in_features, len(data.classes))
+    model.num_classes = len(data.classes)
+    return cfg, method, model, spec, data, hash_backbone(model)
+
+
+def record(job: Job) -> int:
+    """Write ``config.json`` and ``split.json`` (or check them on resume); the start iteration."""
+    job.resolved = {
+        "backbone": to_dict(job.cfg.backbone),
+        "data": to_dict(job.cfg.data),
+        "train": to_dict(job.tc),
+        "method": to_dict(job.method.config),
+        "classes": job.classes,
+        "input": to_dict(job.spec),
+        "base_hash": job.base_hash,
+        "environment": environment(),
+    }
+    if job.resume:
+        if load_run_config(job.src_dir).get("base_hash") != job.base_hash:
+            raise ValueError(
+                f"cannot resume {job.src_dir}: its base backbone weights differ from the loaded ones"
+            )
+    else:
+        write_json(job.run_dir / "config.json", job.resolved)
+        write_json(job.run_dir / "split.json", job.data.split_record)
+    return 0
+
+
+def warm_start(job: Job) -> None:
+    """``head_init="linear-probe"``: fit the head on the frozen features first (LP-FT).
+
+    Deterministic (and cached), so a resumed run repeats it exactly before its checkpoint
+    restores the trained head.
+    """
+    if job.tc.head_init != "linear-probe":
         return
-    rows = [r for r in path.read_text().splitlines() if r.strip()]
-    keep = []
-    for r in rows:
-        try:
-            if json.loads(r).get("iteration", 0) <= iteration:
-                keep.append(r)
-        except json.JSONDecodeError:  # a row cut by the kill
-            continue
-    path.write_text("".join(r + "\n" for r in keep))
+    ids = {s: (job.data.split_record["splits"].get(s) or {}).get("ids") for s in ("train", "val")}
+    key = {  # what the frozen features depend on (keys the feature cache)
+        "base_hash": job.base_hash,
+        "input": to_dict(job.spec),
+        "source": job.data.split_record.get("source_resolved"),
+        "format": job.data.split_record.get("format"),
+        "ids": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
+        "amp": str(job.amp),
+        "device": job.device.type,
+        "head": job.cfg.backbone.head,
+    }
+    result = warm_start_head(
+        job.model,
+        job.data.train,
+        job.data.val,
+        len(job.classes),
+        normalize=job.cfg.backbone.head == "l2norm",
+        key_parts=key,
+        cache_dir=job.tc.feature_cache or None,
+        batch_size=max(job.tc.batch_size, 64),
+        device=job.device,
+        amp=job.amp,
+        progress=job.tc.progress and job.main,
+    )
+    if not job.resume:
+        write_json(job.run_dir / "head_init.json", result)
+
+
+def prepare(job: Job) -> tuple[list[nn.Parameter], dict[str, Any], float]:
+    """Let the method freeze / re-parametrise the model: ``(trainable, counts, seconds)``.
+
+    The method's data-driven choices (e.g. SH-PEFT's selection) are saved once and reused on
+    resume, never re-estimated.
+    """
+    tc = job.tc
+    saved_path = job.src_dir / "method_state.safetensors"
+    saved = load_file(str(saved_path)) if job.resume and saved_path.is_file() else None
+    ctx = PrepareContext(
+        # one epoch of the training split in a fixed, seeded order (no augmentation)
+        importance_loader=lambda: make_loader(
+            job.data.train,
+            tc.batch_size,
+            seed=tc.seed + 1,
+            shuffle=True,
+            num_workers=job.cfg.data.num_workers,
+        ),  # fmt: skip
+        device=job.device,
+        run_dir=job.run_dir,
+        progress=tc.progress and job.main,
+        saved_state=saved,
+    )
+    n_backbone = backbone_size(job.model)
+    t0 = time.perf_counter()
+    trainable = job.method.prepare(job.model, ctx)
+    seconds = time.perf_counter() - t0
+    if saved is None:
+        atomic_save_safetensors(
+            job.method.state(job.model), job.run_dir / "method_state.safetensors"
+        )
+        for name, art in ctx.artifacts.items():
+            write_json(job.run_dir / f"{name}.json", art)
+        # prepare may have settled data-driven settings (e.g. SPT's LoRA modules): record them
+        job.resolved["method"] = to_dict(job.method.config)
+        write_json(job.run_dir / "config.json", job.resolved)
+    counts = count_trainable(job.model, trainable, n_backbone)
+    log.info(
+        "%s: %d trainable backbone scalars (%.4f%% of %d) + %d head",
+        job.method.name, counts["backbone_trainable"], counts["backbone_trainable_pct"],
+        counts["backbone_params"], counts["head_trainable"],
+    )  # fmt: skip
+    return trainable, counts, seconds
+
+
+def fit(job: Job, trainable: list[nn.Parameter]) -> dict[str, Any]:
+    """The optimisation loop, from the newest checkpoint on resume; leaves the best state in.
+
+    Returns the loop's record: ``best`` (:class:`Best`), ``start``, ``skipped`` batches and
+    ``train_s``.
+    """
+    tc, model, device = job.tc, job.model, job.device
+    world = distributed.world_size()
+    opt = make_optimizer(tc, param_groups(model, trainable, tc))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
+    best, skipped, start = Best(), 0, 0
+    state = load_latest_checkpoint(job.src_dir) if job.resume else None
+    if state is not None:
+        start = int(state["iteration"])
+        with torch.no_grad():
+            for p, v in zip(trainable, state["trainable"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        best, skipped = Best.from_checkpoint(state), int(state.get("skipped", 0))
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+    truncate_log(job.run_dir / "train_log.jsonl", start)
+    val_loader = job.loader("val") if job.main else None
+
+    def validate(it: int) -> None:
+        m = evaluate(model, val_loader, job.classes, device)
+        job.log_row({"iteration": it, "val": {k: m[k] for k in ("macro_f1", "accuracy", "auc")}})
+        best.offer(it, m, trainable)
+
+    def checkpoint(it: int) -> None:
+        save_checkpoint(
+            job.run_dir,
+            {
+                "iteration": it,
+                "trainable": [p.detach().cpu() for p in trainable],
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "best": best.to_json(),
+                "best_state": best.state,
+                "skipped": skipped,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        )
+
+    eval_every = tc.eval_every or max(1, tc.iterations // 10)
+    ckpt_every = tc.checkpoint_every or eval_every
+    sampler = IterationBatchSampler(
+        len(job.data.train), tc.batch_size, tc.seed, start, tc.iterations
+    )
+    # DDP: one equal slice of every global batch per rank; DDP averages the gradients, which
+    # equals the gradient of the whole batch's mean loss. Single process: net is model.
+    net: nn.Module = model
+    batch_sampler: Sampler[list[int]] = sampler
+    if world > 1:
+        if sampler.bs % world:
+            raise ValueError(
+                f"batch size {sampler.bs} must be divisible by the number of processes {world}"
+            )
+        batch_sampler = RankSlice(sampler, distributed.rank(), world)
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # no running statistics in a ViT; plans are buffers
+            static_graph=True,  # the same trainable tensors are used at every step
+        )
+    loader = DataLoader(
+        job.data.train, batch_sampler=batch_sampler, num_workers=job.cfg.data.num_workers
+    )
+    if val_loader is not None and start == 0 and tc.head_init == "linear-probe":
+        validate(0)  # the warm start is a candidate too: the best state may be the linear probe
+    model.train()
+    t_start, seen = time.perf_counter(), 0
+    bar = progress_bar(
+        zip(range(start + 1, tc.iterations + 1), loader, strict=False),
+        total=len(sampler),
+        desc=f"train {job.method.name}",
+        enabled=tc.progress and job.main,
+    )
+    for it, (x, y) in bar:
+        x = x.to(device, non_blocking=True)
+        off = distributed.rank() * x.shape[0] if world > 1 else 0
+        # under DDP, this rank's slice of the global batch's augmentation draws
+        x = augment_batch(x, job.cfg.data.augment, tc.seed, it, offset=off, total=sampler.bs)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=job.amp) if job.amp else contextlib.nullcontext():
+            loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if world > 1:
+            # one verdict for all ranks, and every rank joins DDP's gradient all-reduce (a
+            # skipped backward on one rank would stall the others); the step is skipped below
+            finite = distributed.all_true(finite, device)
+        if finite or world > 1:
+            loss.backward()
+            # one reduction, one sync: any NaN/Inf gradient makes the sum non-finite
+            finite = finite and bool(
+                torch.isfinite(sum(p.grad.float().sum() for p in trainable if p.grad is not None))
+            )
+        if finite:
+            opt.step()
+        elif tc.skip_nonfinite:
+            skipped += 1
+            log.warning("non-finite loss or gradient at iteration %d: batch skipped", it)
+        else:
+            raise FloatingPointError(
+                f"non-finite loss or gradient at iteration {it} (loss {loss.item()}); the last "
+                f"good checkpoint in {job.run_dir / 'checkpoints'} can be resumed with --resume, "
+                "or rerun with --skip-nonfinite or a lower --lr"
+            )
+        sched.step()
+        seen += x.shape[0] * world
+        if it % 10 == 0 or it == tc.iterations:
+            rate = seen / (time.perf_counter() - t_start)
+            lr = sched.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            job.log_row({"iteration": it, "loss": loss.item(), "lr": lr, "img_per_s": rate})
+        if val_loader is not None and (it % eval_every == 0 or it == tc.iterations):
+            validate(it)
+            model.train()
+        if job.main and (it % ckpt_every == 0 or it == tc.iterations):
+            checkpoint(it)
+    train_s = time.perf_counter() - t_start
+    best.restore(trainable)  # the best validation state is what is exported and tested
+    return {"best": best, "start": start, "skipped": skipped, "train_s": train_s}
+
+
+def finish(job: Job, counts: dict[str, Any], prepare_s: float, loop: dict[str, Any]) -> dict:
+    """Export the delta, test once (unless ``eval_test`` is off) and write ``metrics.json``."""
+    tc, best = job.tc, loop["best"]
+    delta = job.method.delta(job.model)
+    delta.meta.update(job.method.meta())
+    delta.meta.update(
+        {
+            "base_model": job.cfg.backbone.model,
+            "base_hash": job.base_hash,
+            "shpeft_version": __version__,
+            "classes": job.classes,
+            "head": job.cfg.backbone.head,
+            "image_size": job.spec.image_size,
+            "iteration": tc.iterations if best.iteration is None else best.iteration,
+        }
+    )
+    delta_path = delta.save(job.run_dir / "delta.safetensors")
+    metrics: dict[str, Any] = {
+        "method": job.method.name,
+        "trainable": counts,
+        "iterations": tc.iterations,
+        "best_iteration": best.iteration,
+        "resumed_from": loop["start"] or None,
+        "skipped_batches": loop["skipped"],
+        "prepare_s": prepare_s,
+        "train_s": loop["train_s"],
+        "delta_bytes": delta_path.stat().st_size,
+        "val": best.val,
+    }
+    test_loader = job.loader("test") if job.main else None
+    if test_loader is not None and not tc.eval_test:
+        metrics["test_skipped"] = True  # read later, once, by runs.evaluate_test() if at all
+    elif test_loader is not None:
+        metrics["test"] = evaluate(job.model, test_loader, job.classes, job.device)
+        save_test_confusion(metrics["test"], job.classes, job.run_dir, job.method.name)
+    write_json(job.run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def run_phases(job: Job) -> dict[str, Any]:
+    """Every phase of a run in order (with the run directory ready)."""
+    record(job)
+    warm_start(job)
+    trainable, counts, prepare_s = prepare(job)
+    loop = fit(job, trainable)
+    return finish(job, counts, prepare_s, loop)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run one fine-tuning job end to end; returns the metrics written to ``metrics.json``.
+
+    ``cfg`` is not modified (the run works on a copy). Under ``torchrun`` (see
+    :mod:`shpeft.distributed`) every process calls this: the model is wrapped in
+    DistributedDataParallel, each global batch is split across the ranks, and only rank 0 writes
+    the run directory and evaluates.
+
+    Args:
+        cfg: the run's configuration.
+        resume: continue the run in ``cfg.train.out`` from its newest readable checkpoint (the
+            method's saved selection is reused, nothing is re-estimated). The result is
+            bit-identical to an uninterrupted run on the same device and thread count.
+    """
+    cfg = copy.deepcopy(cfg)  # methods may settle data-driven settings in their config
+    own_group = distributed.init_from_env(cfg.train.device)
+    try:
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        device = distributed.device_for_rank(resolve_device(tc.device))
+        run_dir = Path(tc.out)
+        if resume and not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"nothing to resume: {run_dir} has no config.json")
+        cfg, method, model, spec, data, base_hash = setup(cfg)
+        model.to(device)
+
+        def job(write_to: Path) -> Job:
+            return Job(
+                cfg, method, model, spec, data, device, base_hash, write_to, run_dir, resume,
+                amp=autocast_dtype(tc.precision, device),
+            )  # fmt: skip
+
+        if not distributed.is_main():
+            # DDP: only rank 0 writes the run directory. The other ranks run the same code but
+            # write into a throwaway folder, and read the real one (to resume) through src_dir.
+            with tempfile.TemporaryDirectory(prefix=f"shpeft-rank{distributed.rank()}-") as tmp:
+                return run_phases(job(Path(tmp)))
+        fresh = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(run_dir):
+            if not resume:
+                prepare_run_dir(run_dir, tc.overwrite)
+            try:
+                return run_phases(job(run_dir))
+            except BaseException:
+                # A run that failed before writing anything resumable (e.g. a method's settings
+                # do not fit the model) leaves no half-made directory behind.
+                resumable = (
+                    checkpoint_paths(run_dir) or (run_dir / "method_state.safetensors").exists()
+                )
+                if fresh and not resume and not resumable:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+    finally:
+        if own_group:
+            distributed.cleanup()
 
 
 def resume_run(run_dir: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
@@ -817,46 +661,3 @@ def resume_run(run_dir: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
         method=method_from_config(conf).config,
     )
     return train(cfg, resume=True)
-
-
-def load_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a shpeft run directory (no config.json)")
-    return json.loads(path.read_text())
-
-
-def load_run(run_dir: str | os.PathLike, device: str = "cpu", delta_path: str | None = None):
-    """Rebuild a trained model from a run directory: base backbone + the method's delta.
-
-    Returns:
-        ``(model, classes, input_spec, config_dict)``. For methods that only change existing
-        tensors the model is a plain timm model with the delta written into its weights; methods
-        that add modules (adapters, LoRA, prompts) are re-built first (see ``Method.build``).
-    """
-    from shpeft.delta import Delta, apply_delta
-
-    conf = load_run_config(run_dir)
-    bcfg = from_dict(BackboneConfig, conf["backbone"])
-    classes = conf["classes"]
-    method = method_from_config(conf)
-    model, spec = create_model(bcfg, num_classes=len(classes))
-    base_hash = hash_backbone(model)
-    delta = Delta.load(delta_path or Path(run_dir) / "delta.safetensors")
-    method.build(model)
-    apply_delta(model, delta, base_hash=base_hash)
-    model.to(resolve_device(device)).eval()
-    return model, classes, spec, conf
-
-
-def load_base_model(run_dir: str | os.PathLike) -> nn.Module:
-    """The pretrained model a run started from (its backbone config; a fresh, unused head)."""
-    conf = load_run_config(run_dir)
-    model, _ = create_model(from_dict(BackboneConfig, conf["backbone"]), len(conf["classes"]))
-    return model
-
-
-def method_from_config(conf: dict[str, Any]) -> Method:
-    """The run's method object, with the settings recorded in its ``config.json``."""
-    cls = get_method(conf["train"]["method"])
-    return cls(from_dict(cls.config_cls, conf.get("method") or {}))

@@ -12,8 +12,9 @@ import torch
 
 from shpeft.analysis import add_subcommands
 from shpeft.analysis import grid as G
+from shpeft.analysis.changes import topk_flat
 from shpeft.analysis.hybridity import chance_overlap, overlap, run_hybridity, write_hybridity
-from shpeft.analysis.locations import block_of, run_locations, topk_flat, write_locations
+from shpeft.analysis.locations import block_of, run_locations, write_locations
 from shpeft.analysis.sparsity import graft, run_sparsity, write_sparsity
 from shpeft.analysis.tables import write_summary
 from shpeft.params import KINDS
@@ -185,7 +186,8 @@ def test_lr_search_never_reads_test_and_the_reused_run_is_tested_once(tmp_path):
     from shpeft.config import from_dict
     from shpeft.data import DataConfig
     from shpeft.methods import get_method
-    from shpeft.training import RunConfig, TrainConfig, evaluate_test, train
+    from shpeft.runs import evaluate_test
+    from shpeft.training import RunConfig, TrainConfig, train
 
     torch.set_num_threads(1)
     data = {"data": str(SHARED_DATA / "breastmnist" / "breastmnist.npz"), "allow_leakage": True}

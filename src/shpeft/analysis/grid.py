@@ -40,7 +40,7 @@ Stages, each a list of runs:
 2. ``final``: every (dataset, method, seed) at its chosen lr (the "tuned" setting). When the
    search uses the final iterations and a final seed, its run at the chosen lr is reused, not
    repeated: it is then evaluated on the test split (once, from its exported best-validation
-   state, :func:`shpeft.training.evaluate_test`); the other lrs' runs never see the test split.
+   state, :func:`shpeft.runs.evaluate_test`); the other lrs' runs never see the test split.
 3. ``shared``: every (dataset, method, seed) at ``shared_lr`` (the paper's one setting).
 4. ``budgets``: for each method in ``budgets``, every budget value and seed (``budget_seeds``,
    default ``seeds``) at the tuned lr (Fig. 4).
@@ -69,19 +69,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shpeft.io_utils import write_json
+
 log = logging.getLogger("shpeft")
 
 STAGES = ("search", "final", "shared", "budgets")
-
-#: The budget field of each method with a size knob (Fig. 4's x axis).
-BUDGET_FIELDS: dict[str, str] = {
-    "shpeft": "ratio",
-    "lora": "lora_rank",
-    "adapter": "adapter_dim",
-    "vpt-deep": "vpt_tokens",
-    "vpt-shallow": "vpt_tokens",
-    "spt-lora": "spt_budget",
-}
 
 #: ``--protocol paper``: the paper's recipe (CLIP ViT-B/16 at its native 224 px, 40k iterations,
 #: batch 64, SGD lr 1e-3 cosine) when the config file does not define its own overlay.
@@ -175,7 +167,7 @@ class GridConfig:
         for v in self.methods:
             if v.name == name:
                 return v
-        raise KeyError(f"grid {self.name!r} has no method {name!r}")
+        raise ValueError(f"grid {self.name!r} has no method {name!r}")
 
 
 @dataclass(frozen=True)
@@ -262,7 +254,7 @@ def parse_grid(raw: dict[str, Any], *, root: Path | None = None, protocol: str |
     """
     from shpeft.backbones import BackboneConfig
     from shpeft.data import DataConfig
-    from shpeft.methods import METHODS, get_method
+    from shpeft.methods import METHODS
     from shpeft.training import TrainConfig
 
     if not isinstance(raw, dict):
@@ -306,8 +298,8 @@ def parse_grid(raw: dict[str, Any], *, root: Path | None = None, protocol: str |
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
         config = {**overrides.get(method, {}), **entry.get("config", {})}
-        _check_keys(config, get_method(method).config_cls, f"method {entry.get('name', method)!r}")
-        get_method(method).config_cls(**config)  # fail now, not an hour into the grid
+        _check_keys(config, METHODS[method].config_cls, f"method {entry.get('name', method)!r}")
+        METHODS[method].config_cls(**config)  # fail now, not an hour into the grid
         variants.append(Variant(entry.get("name", method), method, config))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
@@ -320,12 +312,11 @@ def parse_grid(raw: dict[str, Any], *, root: Path | None = None, protocol: str |
         variant = next((v for v in variants if v.name == name or v.method == name), None)
         if variant is None:
             raise ValueError(f"budgets name {name!r}, which is not among the grid's methods")
-        if variant.method not in BUDGET_FIELDS:
+        method = METHODS[variant.method]
+        if method.budget_field is None:
             raise ValueError(f"method {variant.method!r} has no budget knob")
         for value in values:  # each value must make a valid method config
-            get_method(variant.method).config_cls(
-                **{**variant.config, BUDGET_FIELDS[variant.method]: value}
-            )
+            method.config_cls(**{**variant.config, method.budget_field: value})
         budgets[variant.name] = list(values)
     search = None
     if raw.get("lr_search"):
@@ -396,12 +387,12 @@ def load_grid(path: str | os.PathLike, protocol: str | None = None) -> GridConfi
 
 def default_budget(variant: Variant) -> tuple[str | None, float | None]:
     """(budget field, value) a variant runs with in Table 1 (its config, else the default)."""
-    from shpeft.methods import get_method
+    from shpeft.methods import METHODS
 
-    fname = BUDGET_FIELDS.get(variant.method)
-    if fname is None:
+    info = METHODS[variant.method]
+    if info.budget_field is None:
         return None, None
-    return fname, getattr(get_method(variant.method).config_cls(**variant.config), fname)
+    return info.budget_field, getattr(info.config_cls(**variant.config), info.budget_field)
 
 
 def run_spec(
@@ -609,19 +600,12 @@ def write_lr_choices(grid: GridConfig, out: Path) -> Path:
     table = lr_choices(grid, out)
     rows = [{"dataset": ds, "method": name, **entry} for (ds, name), entry in table.items()]
     path = Path(out) / f"lr_choice_{grid.name}.json"
-    _write_json(path, {"selected_by": "validation macro F1 (test never read)", "choices": rows})
+    write_json(path, {"selected_by": "validation macro F1 (test never read)", "choices": rows})
     return path
 
 
 # ---------------------------------------------------------------------------------------------
 # Running one job (in this process or a worker process)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def job_payload(
@@ -700,7 +684,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return {**status, "status": _run_claimed(job)}
     except Exception as e:  # one broken run must not stop the grid; it is retried next time
         fail = Path(job["out"]) / "failures" / (job["run_id"].replace("/", "__") + ".json")
-        _write_json(
+        write_json(
             fail,
             {
                 "run_id": job["run_id"],
@@ -729,7 +713,7 @@ def _finished(job: dict[str, Any]) -> bool:
 
 def _add_test(job: dict[str, Any]) -> str:
     """Evaluate a finished search run on the test split (it has become a final run)."""
-    from shpeft.training import evaluate_test
+    from shpeft.runs import evaluate_test
 
     run_dir = Path(job["run_dir"])
     result = json.loads((run_dir / "result.json").read_text())
@@ -737,7 +721,7 @@ def _add_test(job: dict[str, Any]) -> str:
     result["metrics"] = evaluate_test(run_dir, device=job["train"]["device"])
     result["test_eval_s"] = time.perf_counter() - t0
     result["test_evaluated"] = "after the lr search, from the exported best-validation state"
-    _write_json(run_dir / "result.json", result)
+    write_json(run_dir / "result.json", result)
     return "tested"
 
 
@@ -748,8 +732,9 @@ def _run_claimed(job: dict[str, Any]) -> str:
     from shpeft.checkpoint import checkpoint_paths
     from shpeft.config import from_dict
     from shpeft.data import DataConfig
-    from shpeft.methods import get_method
-    from shpeft.training import RunConfig, TrainConfig, environment, resume_run, train
+    from shpeft.methods import METHODS
+    from shpeft.runs import environment
+    from shpeft.training import RunConfig, TrainConfig, resume_run, train
 
     run_dir = Path(job["run_dir"])
     fail = Path(job["out"]) / "failures" / (job["run_id"].replace("/", "__") + ".json")
@@ -764,7 +749,7 @@ def _run_claimed(job: dict[str, Any]) -> str:
         metrics = resume_run(run_dir, threads=tc["threads"], progress=False, device=tc["device"])
         how = "resumed"
     else:
-        method_cls = get_method(job["spec"]["method"])
+        method_cls = METHODS[job["spec"]["method"]]
         cfg = RunConfig(
             backbone=from_dict(BackboneConfig, job["backbone"]),
             data=from_dict(DataConfig, job["data"]),
@@ -801,7 +786,7 @@ def _run_claimed(job: dict[str, Any]) -> str:
         ),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(run_dir / "result.json", result)
+    write_json(run_dir / "result.json", result)
     fail.unlink(missing_ok=True)
     return how
 
@@ -927,7 +912,7 @@ def run_grid(
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / f"grid_{grid.name}.json", {**grid.raw, "protocol": grid.protocol})
+    write_json(out / f"grid_{grid.name}.json", {**grid.raw, "protocol": grid.protocol})
     counts: dict[str, int] = {}
 
     def note(st: dict[str, Any]) -> None:

@@ -18,15 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shpeft.analysis.locations import (
-    location_counts,
-    marginals,
-    run_positions,
-    topk_flat,
-)
+from shpeft.analysis.changes import topk_flat, weight_change
+from shpeft.analysis.locations import location_counts, marginals, run_positions
 from shpeft.analysis.paper import PAPER_HYBRIDITY_KS
 from shpeft.analysis.report import save_figure, write_report
+from shpeft.delta import Delta
 from shpeft.params import block_order, kind_order
+from shpeft.runs import load_run_config
 
 
 def overlap(a: Tensor, b: Tensor) -> float:
@@ -86,9 +84,6 @@ def run_hybridity(
     """
     if len(runs) < 2:
         raise ValueError("hybridity needs at least two runs (on different datasets)")
-    from shpeft.analysis.sparsity import weight_change
-    from shpeft.training import load_run_config
-
     confs = [load_run_config(r) for r in runs]
     hashes = {c.get("base_hash") for c in confs}
     if len(hashes) > 1:
@@ -129,8 +124,6 @@ def run_hybridity(
 
 
 def _has_sparse(run: str | Path) -> bool:
-    from shpeft.delta import Delta
-
     return bool(Delta.load(Path(run) / "delta.safetensors").sparse)
 
 

@@ -18,18 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shpeft.analysis.changes import layout, topk_flat, weight_change
 from shpeft.analysis.report import save_figure, write_report
+from shpeft.delta import Delta
 from shpeft.params import block_of, block_order, kind_order, parameter_kind
+from shpeft.runs import load_base_model, load_run_config
 
 # ---------------------------------------------------------------------------------------------
 # Positions as one flat boolean vector over the backbone (eligible parameters, model order)
-
-
-def layout(model: torch.nn.Module) -> dict[str, int]:
-    """``{name: numel}`` of the backbone parameters (everything but the head), in model order."""
-    from shpeft.importance import eligible_parameters
-
-    return {n: p.numel() for n, p in eligible_parameters(model).items()}
 
 
 def flat_from_indices(sizes: dict[str, int], indices: dict[str, Tensor]) -> Tensor:
@@ -83,11 +79,6 @@ def run_positions(run_dir: str | Path, k_percent: float | None = None) -> dict[s
         k_percent: None: the positions stored sparsely in the run's delta (SH-PEFT's selection);
             a number: the top-k% of ``|W_ft - W_ori|`` instead (any mergeable method, e.g. full).
     """
-    from shpeft.analysis.sparsity import weight_change
-    from shpeft.backbones import BackboneConfig, create_model
-    from shpeft.config import from_dict
-    from shpeft.delta import Delta
-    from shpeft.training import load_run_config
 
     run_dir = Path(run_dir)
     conf = load_run_config(run_dir)
@@ -101,10 +92,7 @@ def run_positions(run_dir: str | Path, k_percent: float | None = None) -> dict[s
             "conf": conf,
         }
     delta = Delta.load(run_dir / "delta.safetensors")
-    model, _ = create_model(
-        from_dict(BackboneConfig, conf["backbone"]), num_classes=len(conf["classes"])
-    )
-    sizes = layout(model)
+    sizes = layout(load_base_model(run_dir))
     indices = {n: idx for n, (idx, _) in delta.sparse.items() if n in sizes}
     if not indices:
         raise ValueError(
@@ -117,21 +105,6 @@ def run_positions(run_dir: str | Path, k_percent: float | None = None) -> dict[s
         "source": "selected scalars (sparse delta)",
         "conf": conf,
     }
-
-
-def topk_flat(scores: Tensor, k_percent: float) -> Tensor:
-    """The top-k% entries of a flat score vector (global threshold, ties to the lowest index).
-
-    k = 0 (or a k that rounds to no scalar) selects nothing; k = 100 selects everything.
-    """
-    from shpeft.selection import select_topk
-
-    n = scores.numel()
-    if k_percent >= 100:
-        return torch.ones(n, dtype=torch.bool)
-    if round(k_percent / 100 * n) < 1:
-        return torch.zeros(n, dtype=torch.bool)
-    return select_topk({"all": scores}, k_percent / 100)["all"]
 
 
 def run_locations(run_dir: str | Path, k_percent: float | None = None) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from shpeft.io_utils import write_csv, write_json, write_text
 
 
 def save_figure(fig: Any, path: Path) -> Path:
@@ -33,14 +33,10 @@ def write_report(
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     files = {"json": dest / f"{stem}.json", "markdown": dest / f"{stem}.md"}
-    files["json"].write_text(json.dumps(report, indent=2) + "\n")
-    files["markdown"].write_text(markdown)
+    write_json(files["json"], report)
+    write_text(files["markdown"], markdown)
     if csv_rows is not None:
         files["csv"] = dest / f"{stem}.csv"
-        header, rows = csv_rows
-        with open(files["csv"], "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
+        write_csv(files["csv"], *csv_rows)
     files["png"] = plot(report, dest / f"{stem}.png")
     return {k: str(v) for k, v in files.items()}

@@ -20,15 +20,14 @@ from typing import Any
 import torch
 
 from shpeft.analysis.report import save_figure, write_report
+from shpeft.delta import Delta
 from shpeft.params import block_of, block_order, kind_order, parameter_kind
+from shpeft.runs import load_base_model
 
 
 def never_moved(run_dir: str | Path) -> dict[str, dict[str, int]]:
     """``{tensor: {"selected", "unchanged"}}``: selected scalars whose trained value equals the
     base value exactly (the run's delta against its own base backbone)."""
-    from shpeft.delta import Delta
-    from shpeft.training import load_base_model
-
     run_dir = Path(run_dir)
     delta = Delta.load(run_dir / "delta.safetensors")
     base = dict(load_base_model(run_dir).named_parameters())

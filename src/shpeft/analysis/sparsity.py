@@ -18,50 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shpeft.analysis.changes import finetuned_model, topk_flat
 from shpeft.analysis.paper import PAPER_SPARSITY_CLAIM, PAPER_SPARSITY_KS
 from shpeft.analysis.report import save_figure, write_report
-
-
-def finetuned_model(run_dir: str | Path, device: str = "cpu"):
-    """The run's model as a plain timm model (delta merged) plus its base backbone weights.
-
-    Returns:
-        ``(model, base, conf, spec)``: ``model`` has the fine-tuned backbone and head, ``base``
-        is ``{name: tensor}`` of the pretrained backbone (same names as the model's backbone).
-
-    Raises:
-        ValueError: for methods that add modules which cannot be folded into the weights
-            (adapters, prompts): they have no ``W_ft`` of the base's shape.
-    """
-    from shpeft.backbones import BackboneConfig, create_model
-    from shpeft.config import from_dict
-    from shpeft.importance import eligible_parameters
-    from shpeft.training import load_run, method_from_config
-
-    model, classes, spec, conf = load_run(run_dir, device=device)
-    model = method_from_config(conf).merge(model)
-    base_model, _ = create_model(
-        from_dict(BackboneConfig, conf["backbone"]), num_classes=len(classes)
-    )
-    base = {n: p.detach().to(device) for n, p in eligible_parameters(base_model).items()}
-    ft_names = set(eligible_parameters(model))
-    if ft_names != set(base):
-        raise ValueError(
-            f"{run_dir}: the merged model's backbone tensors differ from the base's "
-            f"({sorted(ft_names ^ set(base))[:3]}...)"
-        )
-    return model, base, conf, spec
-
-
-def weight_change(run_dir: str | Path) -> dict[str, Any]:
-    """``|W_ft - W_ori|`` of a run as one flat float32 vector with the backbone layout."""
-    from shpeft.importance import eligible_parameters
-
-    model, base, conf, _ = finetuned_model(run_dir)
-    ft = eligible_parameters(model)
-    sizes = {n: p.numel() for n, p in ft.items()}
-    flat = torch.cat([(ft[n].detach().float() - base[n].float()).abs().reshape(-1) for n in sizes])
-    return {"sizes": sizes, "flat": flat, "conf": conf}
+from shpeft.evaluate import evaluate
+from shpeft.importance import eligible_parameters
+from shpeft.runs import run_split_loader
 
 
 @torch.no_grad()
@@ -70,8 +32,6 @@ def graft(base: dict[str, Tensor], ft: dict[str, Tensor], k_percent: float) -> d
 
     k = 100 returns ``ft`` exactly, k = 0 (or a k that rounds to no scalar) ``base`` exactly.
     """
-    from shpeft.analysis.locations import topk_flat
-
     names = list(base)
     diff = torch.cat([(ft[n].float() - base[n].float()).abs().reshape(-1).cpu() for n in names])
     keep = topk_flat(diff, k_percent)
@@ -98,10 +58,6 @@ def run_sparsity(
         ``{"run", "method", "split", "rows": [{k_percent, scalars, macro_f1, accuracy, auc,
         share_of_full_f1}], ...}``; metrics are fractions as in ``metrics.json``.
     """
-    from shpeft.evaluate import evaluate
-    from shpeft.importance import eligible_parameters
-    from shpeft.training import run_split_loader
-
     model, base, conf, spec = finetuned_model(run_dir, device=device)
     params = eligible_parameters(model)
     ft = {n: p.detach().clone() for n, p in params.items()}

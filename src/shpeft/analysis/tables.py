@@ -14,7 +14,6 @@ Every table is written as Markdown and CSV; missing cells are ``-``.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from shpeft.analysis.grid import (
     unique,
 )
 from shpeft.analysis.report import save_figure
+from shpeft.io_utils import write_csv, write_text
 
 METRICS = {"f1": ("macro_f1", "macro F1"), "acc": ("accuracy", "accuracy"), "auc": ("auc", "AUC")}
 
@@ -180,26 +180,24 @@ class Table:
             if ds in self.paper_columns:
                 cols.append(f"{ds}_paper")
         cols += ["avg_mean", "avg_std", "avg_n"] + (["paper_avg"] if self.paper_avg else [])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            for row in self.rows:
-                line: list[Any] = [row, self.labels[row], _num(self.trainable_pct.get(row))]
-                for ds in self.datasets:
-                    c = self.cell(row, ds)
-                    line += [
-                        _num(c.mean if c else None),
-                        _num(c.std if c else None),
-                        c.n if c else 0,
-                    ]
-                    if ds in self.paper_columns:
-                        line.append(_num(self.paper_values.get((row, ds))))
-                a = self.avg(row)
-                line += [_num(a.mean if a else None), _num(a.std if a else None), a.n if a else 0]
-                if self.paper_avg:
-                    line.append(_num(self.paper_avg.get(row)))
-                w.writerow(line)
+        rows = []
+        for row in self.rows:
+            line: list[Any] = [row, self.labels[row], _num(self.trainable_pct.get(row))]
+            for ds in self.datasets:
+                c = self.cell(row, ds)
+                line += [
+                    _num(c.mean if c else None),
+                    _num(c.std if c else None),
+                    c.n if c else 0,
+                ]
+                if ds in self.paper_columns:
+                    line.append(_num(self.paper_values.get((row, ds))))
+            a = self.avg(row)
+            line += [_num(a.mean if a else None), _num(a.std if a else None), a.n if a else 0]
+            if self.paper_avg:
+                line.append(_num(self.paper_avg.get(row)))
+            rows.append(line)
+        write_csv(path, cols, rows)
 
 
 def _num(x: float | None) -> str:
@@ -462,11 +460,8 @@ def run_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_runs_csv(results: dict[str, dict[str, Any]], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(RUN_FIELDS))
-        w.writeheader()
-        w.writerows(run_rows(results))
-    return path
+    rows = run_rows(results)
+    return write_csv(path, RUN_FIELDS, ([r.get(k) for k in RUN_FIELDS] for r in rows))
 
 
 def cost_markdown(
@@ -627,7 +622,7 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
                 )
             tables[metric] = t
             t.write_csv(dest / f"table1_{metric}_{key}.csv")
-            (dest / f"table1_{metric}_{key}.md").write_text(t.markdown())
+            write_text(dest / f"table1_{metric}_{key}.md", t.markdown())
             files += [
                 str(dest / f"table1_{metric}_{key}.csv"),
                 str(dest / f"table1_{metric}_{key}.md"),
@@ -636,16 +631,16 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
         if not first_text:
             first_text = tables["f1"].markdown()
         for name, md in ablation_tables(grid, tables["f1"], tables["acc"]).items():
-            (dest / f"{name}_{key}.md").write_text(md)
+            write_text(dest / f"{name}_{key}.md", md)
             files.append(str(dest / f"{name}_{key}.md"))
             parts.append(md)
         cost = cost_markdown(grid, results, specs, desc)
-        (dest / f"cost_{key}.md").write_text(cost)
+        write_text(dest / f"cost_{key}.md", cost)
         files.append(str(dest / f"cost_{key}.md"))
         parts.append(cost)
     lr_md = lr_choice_markdown(grid, out)
     if lr_md:
-        (dest / "lr_choice.md").write_text(lr_md)
+        write_text(dest / "lr_choice.md", lr_md)
         files.append(str(dest / "lr_choice.md"))
         parts.append(lr_md)
     if grid.budgets:
@@ -653,20 +648,8 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
             final_specs(grid, choices) if grid.lr_search else final_specs(grid, {})
         )
         points = budget_points(grid, results, specs)
-        with open(dest / "fig4_budgets.csv", "w", newline="") as f:
-            w = csv.DictWriter(
-                f,
-                fieldnames=[
-                    "method",
-                    "budget_field",
-                    "budget",
-                    "trainable_pct",
-                    "avg_macro_f1",
-                    "runs",
-                ],
-            )
-            w.writeheader()
-            w.writerows(points)
+        fields = ("method", "budget_field", "budget", "trainable_pct", "avg_macro_f1", "runs")
+        write_csv(dest / "fig4_budgets.csv", fields, ([p.get(k) for k in fields] for p in points))
         png = plot_budgets(
             points, dest / "fig4_budgets.png", f"{grid.name}: Fig. 4 layout ({grid.protocol})"
         )
@@ -675,6 +658,6 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
     files.append(str(write_runs_csv(results, dest / "runs.csv")))
     parts.append(paper_table1_markdown())
     md = "\n".join(parts)
-    (dest / "summary.md").write_text(md)
+    write_text(dest / "summary.md", md)
     files.append(str(dest / "summary.md"))
     return {"markdown": str(dest / "summary.md"), "text": first_text, "files": files}

@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -70,12 +69,15 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+
+from shpeft.config import DataConfig
+from shpeft.io_utils import write_text
+from shpeft.progress import progress_bar
 
 from .io import DICOM_EXTENSIONS, DataError, read_image
-from .leakage import array_key
-from .loading import DataConfig, _pool_of, plan_split
+from .keys import array_key
 from .sources import FORMATS, SPLITS, Catalog, read_catalog
+from .splits import plan_split, pool_of
 
 __all__ = [
     "DEFAULT_IMBALANCE_THRESHOLD",
@@ -243,19 +245,8 @@ class CheckReport:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
     def write_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_json` to ``path`` atomically (a temporary file, then a rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self.to_json())
-                fh.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write :meth:`to_json` to ``path`` durably (:func:`shpeft.io_utils.write_text`)."""
+        return write_text(path, self.to_json() + "\n")
 
     def format_text(self, max_items: int = 10) -> str:
         """A readable multi-line report; lists are cut after ``max_items`` entries."""
@@ -460,7 +451,7 @@ def check_dataset(
         imbalance_threshold: Flag a largest/smallest class ratio above this.
         allow_leakage: Report exact train-val/test duplicates as warnings, not errors.
         allow_label_conflicts: Report exact duplicates with different labels as warnings.
-        progress: Show a progress bar (tqdm, on stderr) over the images.
+        progress: Show progress over the images (a bar on a terminal, log lines otherwise).
         workers: Decoding threads (default: up to 4, bounded by the CPU count).
 
     Returns:
@@ -502,7 +493,9 @@ def check_dataset(
             return _inspect_array(group.images[i])
         return _inspect_file(group.paths[i])  # type: ignore[index]
 
-    with tqdm(total=len(flat), desc="checking images", disable=not progress, leave=False) as bar:
+    with progress_bar(
+        total=len(flat), desc="checking images", enabled=progress, leave=False
+    ) as bar:
         seen: list[_Seen] = []
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
             for result in pool.map(inspect, flat, chunksize=16):
@@ -511,7 +504,7 @@ def check_dataset(
     where = {item: n for n, item in enumerate(flat)}
 
     # The split training would make, with exact duplicates kept together as training does.
-    pool_key = _pool_of(catalog)
+    pool_key = pool_of(catalog)
     keys = None
     if pool_key is not None:
         keys = [

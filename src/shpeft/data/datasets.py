@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+
+from shpeft.progress import progress_bar
 
 from .io import DataError, read_image
 from .transforms import Normalize, parse_interpolation, resize_uint8, to_chw_tensor
@@ -93,7 +95,7 @@ class _ResizingDataset(Dataset):
         def fill(i: int) -> None:
             cache[i] = resize_uint8(self._raw(i), size, mode)
 
-        with tqdm(total=len(self), desc=desc or "caching images", disable=None, leave=False) as bar:
+        with progress_bar(total=len(self), desc=desc or "caching images", leave=False) as bar:
             if num_threads > 1:
                 with ThreadPoolExecutor(max_workers=num_threads) as pool:
                     for _ in pool.map(fill, range(len(self))):
@@ -271,3 +273,29 @@ class ImageFileDataset(_ResizingDataset):
 
     def __repr__(self) -> str:
         return f"ImageFileDataset(n={len(self)}, image_size={self.image_size})"
+
+
+@dataclass
+class DataBundle:
+    """Datasets of one run plus the record of how they were split.
+
+    Attributes:
+        train: Training set (augmented per ``DataConfig.augment``).
+        val: Validation set, or None (no augmentation).
+        test: Test set, or None (no augmentation).
+        classes: Class names; labels index into this list.
+        split_record: JSON-serialisable record of source, format, seed, fractions and the ids and
+            label names per split; save it with the run (``json.dump``) and pass it back through
+            ``DataConfig.split_file`` to replay the split.
+    """
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset | None
+    classes: list[str]
+    split_record: dict
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)

@@ -41,17 +41,17 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from .io import DataError
-from .sources import (
+from .catalog import (
     SPLIT_NAMES,
     SPLITS,
     Catalog,
     Group,
-    _loose_files,
-    _read_class_folders,
-    _scan_class_folder,
-    _visible_subdirs,
+    loose_files,
+    read_class_folders,
+    scan_class_folder,
+    visible_subdirs,
 )
+from .io import DataError
 
 __all__ = [
     "BUSI_CLASSES",
@@ -95,7 +95,7 @@ def _norm(name: str) -> str:
 
 
 def _subdirs_by_name(folder: Path) -> dict[str, Path]:
-    return {_norm(d.name): d for d in _visible_subdirs(folder)}
+    return {_norm(d.name): d for d in visible_subdirs(folder)}
 
 
 def _has_files(folder: Path, *names: str) -> bool:
@@ -122,7 +122,7 @@ def _find_root(path: Path, is_root: Callable[[Path], bool], fmt: str, expected: 
 def _split_dirs(folder: Path) -> dict[str, Path]:
     """The train/val/test folders directly in ``folder`` (any accepted spelling)."""
     found: dict[str, Path] = {}
-    for d in _visible_subdirs(folder):
+    for d in visible_subdirs(folder):
         key = SPLIT_NAMES.get(_norm(d.name))
         if key is not None:
             if key in found:
@@ -194,13 +194,13 @@ def _read_busi(path: Path) -> Catalog:
     root = _find_root(
         path, is_root, "busi", "Dataset_BUSI_with_GT/{benign,malignant,normal}/ with images"
     )
-    extra = sorted(d.name for d in _visible_subdirs(root) if _norm(d.name) not in BUSI_CLASSES)
+    extra = sorted(d.name for d in visible_subdirs(root) if _norm(d.name) not in BUSI_CLASSES)
     if extra:
         raise DataError(
             f"{root}: unexpected folder(s) {extra} beside benign/malignant/normal in a BUSI folder"
         )
     skipped = _skipped()
-    group = _read_class_folders(root, root, skipped)
+    group = read_class_folders(root, root, skipped)
     group.labels = [_norm(lab) for lab in group.labels]
     return Catalog(root, "busi", "flat", {"all": group}, list(BUSI_CLASSES), skipped)
 
@@ -281,7 +281,7 @@ def _read_covid_ct(path: Path) -> Catalog:
     for cls, (folder, _, _) in _COVID_PARTS.items():
         if folder not in class_dirs:
             raise DataError(f"{images_dir}: missing the class folder {_COVID_PARTS[cls][2]}/")
-        files[cls] = _scan_class_folder(class_dirs[folder], root, skipped)
+        files[cls] = scan_class_folder(class_dirs[folder], root, skipped)
         if not files[cls]:
             raise DataError(f"class folder {class_dirs[folder]} contains no images")
 
@@ -386,20 +386,20 @@ def _read_cxr3(path: Path) -> Catalog:
     )
     skipped = _skipped()
     skipped["other_folders"] = sum(
-        1 for d in _visible_subdirs(root) if SPLIT_NAMES.get(_norm(d.name)) is None
+        1 for d in visible_subdirs(root) if SPLIT_NAMES.get(_norm(d.name)) is None
     )
     groups: dict[str, Group] = {}
     unknown: list[str] = []
     for split in SPLITS:
         if split not in splits:
             continue
-        classes = {_norm(d.name) for d in _visible_subdirs(splits[split])}
+        classes = {_norm(d.name) for d in visible_subdirs(splits[split])}
         if classes != {"normal", "pneumonia"}:
             raise DataError(
                 f"{splits[split]}: expected the class folders NORMAL and PNEUMONIA, found "
-                f"{sorted(d.name for d in _visible_subdirs(splits[split]))}"
+                f"{sorted(d.name for d in visible_subdirs(splits[split]))}"
             )
-        group = _read_class_folders(splits[split], root, skipped)
+        group = read_class_folders(splits[split], root, skipped)
         labels = []
         for sample_id, folder in zip(group.ids, group.labels, strict=True):
             if _norm(folder) == "normal":
@@ -428,13 +428,13 @@ def _read_oct(path: Path) -> Catalog:
     )
     skipped = _skipped()
     skipped["other_folders"] = sum(
-        1 for d in _visible_subdirs(root) if SPLIT_NAMES.get(_norm(d.name)) is None
+        1 for d in visible_subdirs(root) if SPLIT_NAMES.get(_norm(d.name)) is None
     )
     groups: dict[str, Group] = {}
     for split in SPLITS:
         if split not in splits:
             continue
-        group = _read_class_folders(splits[split], root, skipped)
+        group = read_class_folders(splits[split], root, skipped)
         group.labels = [lab.strip().upper() for lab in group.labels]
         unexpected = sorted(set(group.labels) - set(OCT_CLASSES))
         if unexpected:
@@ -454,7 +454,7 @@ def _read_oct(path: Path) -> Catalog:
 def _mayo_dirs(folder: Path) -> dict[str, Path]:
     """``{"Mayo N": folder}`` for the Mayo class folders directly in ``folder``."""
     found = {}
-    for d in _visible_subdirs(folder):
+    for d in visible_subdirs(folder):
         m = _MAYO.match(_norm(d.name))
         if m:
             found[f"Mayo {m.group(1)}"] = d
@@ -466,7 +466,7 @@ def _read_limuc(path: Path) -> Catalog:
         return bool(_mayo_dirs(d))
 
     def per_patient(d: Path) -> bool:
-        subdirs = _visible_subdirs(d)
+        subdirs = visible_subdirs(d)
         return bool(subdirs) and all(_mayo_dirs(s) for s in subdirs)
 
     root = _find_root(
@@ -481,12 +481,12 @@ def _read_limuc(path: Path) -> Catalog:
     group = Group(ids=[], labels=[], paths=[], origin=str(root))
     if flat(root):
         mayo = _mayo_dirs(root)
-        extra = sorted(d.name for d in _visible_subdirs(root) if d not in mayo.values())
+        extra = sorted(d.name for d in visible_subdirs(root) if d not in mayo.values())
         if extra:
             raise DataError(f"{root}: unexpected folder(s) {extra} beside the Mayo class folders")
-        skipped["outside_class_folders"] += _loose_files(root)
+        skipped["outside_class_folders"] += loose_files(root)
         for cls in sorted(mayo):
-            files = _scan_class_folder(mayo[cls], root, skipped)
+            files = scan_class_folder(mayo[cls], root, skipped)
             if not files:
                 raise DataError(f"class folder {mayo[cls]} contains no images")
             for f in files:
@@ -505,10 +505,10 @@ def _read_limuc(path: Path) -> Catalog:
             )
     else:
         patients: list[str] = []
-        for patient_dir in _visible_subdirs(root):
-            skipped["outside_class_folders"] += _loose_files(patient_dir)
+        for patient_dir in visible_subdirs(root):
+            skipped["outside_class_folders"] += loose_files(patient_dir)
             for cls, folder in sorted(_mayo_dirs(patient_dir).items()):
-                for f in _scan_class_folder(folder, root, skipped):
+                for f in scan_class_folder(folder, root, skipped):
                     group.ids.append(f.relative_to(root).as_posix())
                     group.labels.append(cls)
                     group.paths.append(str(f))  # type: ignore[union-attr]

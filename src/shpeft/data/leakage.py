@@ -14,43 +14,13 @@ the job of ``shpeft data check`` (:mod:`shpeft.data.check`).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import warnings
-from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from .datasets import ArrayImageDataset, FileImageDataset, LabelledImageDataset
+from .datasets import ArrayImageDataset, DataBundle, FileImageDataset, LabelledImageDataset
 from .io import DataError
-
-if TYPE_CHECKING:
-    from .loading import DataBundle
+from .keys import array_key, file_key
 
 __all__ = ["array_key", "check_leakage_cheap", "dataset_keys", "file_key"]
-
-_CHUNK = 1 << 20
-
-
-def array_key(array: np.ndarray | torch.Tensor) -> str:
-    """Hash of an image's pixels and shape (equal images give equal keys)."""
-    if isinstance(array, torch.Tensor):
-        array = array.numpy()
-    array = np.ascontiguousarray(array)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str((array.shape, array.dtype.str)).encode())
-    h.update(array.tobytes())
-    return h.hexdigest()
-
-
-def file_key(path: str | os.PathLike[str]) -> str:
-    """Hash of a file's bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dataset_keys(dataset: LabelledImageDataset, by: str) -> list[str]:

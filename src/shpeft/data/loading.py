@@ -33,20 +33,20 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader
 
-from .datasets import ArrayImageDataset, FileImageDataset, LabelledImageDataset
+from .datasets import ArrayImageDataset, DataBundle, FileImageDataset, LabelledImageDataset
 from .io import DataError, is_hidden, is_image_file, is_mask_file
-from .leakage import array_key, dataset_keys, file_key
-from .sources import FORMATS, SPLITS, Catalog, Group, read_catalog
-from .splits import grouped_stratified_split, keep_together, stratified_split
-from .transforms import AUGMENTATIONS, parse_interpolation
+from .keys import array_key, file_key
+from .leakage import dataset_keys
+from .sources import SPLITS, Catalog, read_catalog
+from .splits import Selection, SplitPlan, plan_split, pool_of, pool_train_val
+from .transforms import parse_interpolation
 
 __all__ = [
     "CACHE_AUTO_LIMIT_BYTES",
@@ -60,157 +60,10 @@ __all__ = [
 ]
 
 # cache="auto" caches when all resized images of the bundle fit in this many bytes.
+from shpeft.config import DataConfig
+
 CACHE_AUTO_LIMIT_BYTES = 2 * 1024**3
 SPLIT_RECORD_VERSION = 1
-CACHE_MODES = ("auto", "yes", "no")
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how it is split, cached and augmented (CLI flags mirror the fields)."""
-
-    data: str = field(
-        metadata={
-            "help": "data source: an ImageFolder directory (<class>/<img> or "
-            "<split>/<class>/<img>), a CSV manifest (path,label[,split]), a MedMNIST .npz or a "
-            "data set in its native layout (see --data-format)"
-        }
-    )
-    data_format: str = field(
-        default="auto",
-        metadata={
-            "help": "source format: auto | imagefolder | csv | medmnist | busi | chaoyang | "
-            "covid-ct | cxr3 | oct | limuc (auto detects the native layouts by their folder and "
-            "file names, else imagefolder)",
-            "choices": FORMATS,
-        },
-    )
-    val_fraction: float = field(
-        default=0.099,
-        metadata={
-            "help": "validation fraction when the source has no official split (of all samples; "
-            "of train when carving val from an official train split); default = BUSI 79/798"
-        },
-    )
-    test_fraction: float = field(
-        default=0.2005,
-        metadata={
-            "help": "test fraction when the source has no official split; default = BUSI 160/798"
-        },
-    )
-    split_seed: int = field(
-        default=0, metadata={"help": "seed of the stratified train/val/test split"}
-    )
-    split_file: str = field(
-        default="",
-        metadata={
-            "help": "JSON split record of an earlier run (split_record.json) to reuse exactly "
-            "instead of making a new split; empty = make the split"
-        },
-    )
-    cache: str = field(
-        default="auto",
-        metadata={
-            "help": "decode+resize every image once into memory (uint8): yes | no | auto "
-            "(auto: when all resized images take < 2 GiB)",
-            "choices": CACHE_MODES,
-        },
-    )
-    num_workers: int = field(
-        default=0,
-        metadata={"help": "DataLoader worker processes (also threads used to build the cache)"},
-    )
-    augment: str = field(
-        default="flip",
-        metadata={
-            "help": "training augmentation: none | flip (random horizontal flip)",
-            "choices": AUGMENTATIONS,
-        },
-    )
-    resplit_val: bool = field(
-        default=False,
-        metadata={
-            "help": "pool an official train and val split and carve a new val of --val-fraction "
-            "from them (by patient where ids exist), for official val splits too small to select "
-            "on: CXR3's has 16 images, the paper's CXR3 split (4,708/524 of 5,232) is this with "
-            "--val-fraction 0.1"
-        },
-    )
-    allow_leakage: bool = field(
-        default=False,
-        metadata={
-            "help": "train even if train shares exact duplicate images with val/test (checked "
-            "before training; e.g. an official split that contains them); default: refuse"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not isinstance(self.data, str | os.PathLike) or not str(self.data):
-            problems.append(f"data must be a non-empty path, got {self.data!r}")
-        else:
-            self.data = str(self.data)
-        if self.data_format not in FORMATS:
-            problems.append(f"data_format must be one of {FORMATS}, got {self.data_format!r}")
-        for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0 <= value < 1:
-                problems.append(f"{name} must be in [0, 1), got {value!r}")
-        if (
-            isinstance(self.val_fraction, int | float)
-            and isinstance(self.test_fraction, int | float)
-            and self.val_fraction + self.test_fraction >= 1
-        ):
-            problems.append(
-                f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + "
-                f"{self.test_fraction}"
-            )
-        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
-            problems.append(f"split_seed must be an integer, got {self.split_seed!r}")
-        elif self.split_seed < 0:
-            problems.append(f"split_seed must be >= 0, got {self.split_seed}")
-        if self.cache not in CACHE_MODES:
-            problems.append(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int):
-            problems.append(f"num_workers must be an integer, got {self.num_workers!r}")
-        elif self.num_workers < 0:
-            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.augment not in AUGMENTATIONS:
-            problems.append(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
-        if not isinstance(self.split_file, str | os.PathLike):
-            problems.append(f"split_file must be a path or empty, got {self.split_file!r}")
-        if not isinstance(self.resplit_val, bool):
-            problems.append(f"resplit_val must be true or false, got {self.resplit_val!r}")
-        if not isinstance(self.allow_leakage, bool):
-            problems.append(f"allow_leakage must be true or false, got {self.allow_leakage!r}")
-        if problems:
-            raise ValueError("invalid DataConfig: " + "; ".join(problems))
-
-
-@dataclass
-class DataBundle:
-    """Datasets of one run plus the record of how they were split.
-
-    Attributes:
-        train: Training set (augmented per ``DataConfig.augment``).
-        val: Validation set, or None (no augmentation).
-        test: Test set, or None (no augmentation).
-        classes: Class names; labels index into this list.
-        split_record: JSON-serialisable record of source, format, seed, fractions and the ids and
-            label names per split; save it with the run (``json.dump``) and pass it back through
-            ``DataConfig.split_file`` to replay the split.
-    """
-
-    train: Dataset
-    val: Dataset | None
-    test: Dataset | None
-    classes: list[str]
-    split_record: dict
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes."""
-        return len(self.classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +122,7 @@ def load_data(
         selections, methods = _selections_from_record(catalog, record)
         plan = SplitPlan(selections, methods, dict.fromkeys(selections, "replayed"), {})
     else:
-        pool = _pool_of(catalog)
+        pool = pool_of(catalog)
         keys, by = None, None
         if pool is not None:
             keys, by, cache = _pool_keys(
@@ -317,80 +170,8 @@ def load_data(
     )
 
 
-# A selection is a list of (group key, row indices into that group), concatenated in order.
-Selection = list[tuple[str, np.ndarray]]
-
-
 def _selection_size(sel: Selection) -> int:
     return sum(len(idx) for _, idx in sel)
-
-
-def _labels_of(catalog: Catalog, group: str) -> np.ndarray:
-    """Integer labels of a group in the catalog's own class order (for stratification)."""
-    index = {c: i for i, c in enumerate(catalog.classes)}
-    return np.array([index[c] for c in catalog.groups[group].labels], dtype=np.int64)
-
-
-@dataclass
-class SplitPlan:
-    """How a catalog is split (see :func:`plan_split`).
-
-    Attributes:
-        selections: Per split, ``[(group key, row indices)]``.
-        methods: Per split, a sentence saying how it was made.
-        kinds: Per split: ``official``, ``seeded-stratified``, ``patient-grouped`` or
-            ``replayed``.
-        grouping: What was kept together (patients, exact duplicates), JSON-able.
-    """
-
-    selections: dict[str, Selection]
-    methods: dict[str, str]
-    kinds: dict[str, str]
-    grouping: dict[str, Any]
-
-
-def pool_train_val(catalog: Catalog) -> Catalog:
-    """The catalog with its official val merged into train (``DataConfig.resplit_val``).
-
-    A seeded val is then carved from the pooled train like for sources without a val split.
-    Sample ids are unchanged, so recorded splits replay against the unmerged catalog too.
-    """
-    groups = catalog.groups
-    if "train" not in groups or "val" not in groups:
-        return catalog
-    tr, va = groups["train"], groups["val"]
-    merged = Group(
-        ids=tr.ids + va.ids,
-        labels=tr.labels + va.labels,
-        paths=tr.paths + va.paths if tr.paths is not None and va.paths is not None else None,
-        images=(
-            np.concatenate([tr.images, va.images])
-            if tr.images is not None and va.images is not None
-            else None
-        ),
-        origin=tr.origin,
-        patients=(
-            tr.patients + va.patients
-            if tr.patients is not None and va.patients is not None
-            else None
-        ),
-    )
-    if merged.paths is None and merged.images is None:
-        raise DataError(f"{catalog.source}: cannot pool train and val stored in different ways")
-    new = {k: g for k, g in groups.items() if k != "val"}
-    new["train"] = merged
-    note = f"official val ({len(va)}) pooled with train ({len(tr)}); val carved from the pool"
-    return replace(catalog, groups=new, notes=[*catalog.notes, note])
-
-
-def _pool_of(catalog: Catalog) -> str | None:
-    """The group a seeded split is made of: all samples, the official train (val carved from
-    it), or None (fully official split)."""
-    if not catalog.has_official_split:
-        return "all"
-    if "train" in catalog.groups and "val" not in catalog.groups:
-        return "train"
-    return None
 
 
 def _pool_keys(
@@ -411,139 +192,6 @@ def _pool_keys(
         ds.build_cache(num_threads=num_workers, desc="caching images")
         return dataset_keys(ds, "resized pixels"), "resized pixels", ds.cache
     return [file_key(p) for p in group.paths or []], "file bytes", None
-
-
-def _union_groups(patients: Sequence[str] | None, keys: Sequence[str] | None, n: int) -> list[str]:
-    """One group id per sample: patients, merged where exact duplicates link two of them."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    nodes = [f"p:{patients[i]}" if patients is not None else f"s:{i}" for i in range(n)]
-    if keys is not None:
-        for i, key in enumerate(keys):
-            a, b = find(nodes[i]), find(f"d:{key}")
-            if a != b:
-                parent[b] = a
-    return [find(x) for x in nodes]
-
-
-def _split_pool(
-    catalog: Catalog,
-    pool: str,
-    *,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    keys: Sequence[str] | None,
-    by: str | None,
-) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], str, dict[str, Any]]:
-    group = catalog.groups[pool]
-    labels = _labels_of(catalog, pool)
-    grouping: dict[str, Any] = {"patients": None, "duplicates_by": by}
-    if keys is not None:
-        counts: dict[str, int] = {}
-        for key in keys:
-            counts[key] = counts.get(key, 0) + 1
-        dup_groups = [n for n in counts.values() if n > 1]
-        grouping["duplicate_groups"] = len(dup_groups)
-        grouping["duplicate_samples"] = sum(dup_groups)
-        if not dup_groups:
-            keys = None  # nothing to keep together
-    fractions = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    if group.patients is not None:
-        ids = _union_groups(group.patients, keys, len(group))
-        parts = grouped_stratified_split(labels, ids, **fractions)
-        grouping["patients"] = len(set(group.patients))
-        return parts, "patient-grouped", grouping
-    parts = stratified_split(labels, **fractions)
-    if keys is not None:
-        parts, moved = keep_together(*parts, keys)
-        grouping["moved_to_keep_duplicates_together"] = moved
-    return parts, "seeded-stratified", grouping
-
-
-def plan_split(
-    catalog: Catalog,
-    *,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    duplicate_keys: Sequence[str] | None = None,
-    duplicates_by: str | None = None,
-) -> SplitPlan:
-    """Decide the train/val/test split of a catalog (official, or seeded as documented above).
-
-    Args:
-        catalog: The source's samples.
-        val_fraction: Val fraction (of all samples; of train when carving val from train).
-        test_fraction: Test fraction when the source has no official split.
-        seed: Seed of the seeded part.
-        duplicate_keys: Optional content key per sample of the pool that is split (all samples,
-            or the official train when val is carved); equal keys stay in one split.
-        duplicates_by: How the keys were made (recorded).
-
-    Raises:
-        DataError: An official split without train.
-    """
-    pool = _pool_of(catalog)
-    if pool == "all":
-        (train, val, test), kind, grouping = _split_pool(
-            catalog,
-            "all",
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
-            keys=duplicate_keys,
-            by=duplicates_by,
-        )
-        how = (
-            "seeded stratified split of all samples, grouped by patient"
-            if kind == "patient-grouped"
-            else "seeded stratified split of all samples"
-        )
-        selections = {"train": [("all", train)], "val": [("all", val)], "test": [("all", test)]}
-        return SplitPlan(
-            selections, dict.fromkeys(SPLITS, how), dict.fromkeys(SPLITS, kind), grouping
-        )
-    if "train" not in catalog.groups:
-        raise DataError(
-            f"{catalog.source}: has an official split but no train split "
-            f"(found {sorted(catalog.groups)})"
-        )
-    selections: dict[str, Selection] = {}
-    methods: dict[str, str] = {}
-    kinds: dict[str, str] = {}
-    grouping: dict[str, Any] = {}
-    if pool is None:
-        selections["train"] = [("train", np.arange(len(catalog.groups["train"])))]
-        selections["val"] = [("val", np.arange(len(catalog.groups["val"])))]
-        methods["train"] = methods["val"] = "official"
-        kinds["train"] = kinds["val"] = "official"
-    else:
-        (train, val, _), kind, grouping = _split_pool(
-            catalog,
-            "train",
-            val_fraction=val_fraction,
-            test_fraction=0.0,
-            seed=seed,
-            keys=duplicate_keys,
-            by=duplicates_by,
-        )
-        selections["train"] = [("train", train)]
-        selections["val"] = [("train", val)]
-        methods["train"] = "official, minus the carved val"
-        methods["val"] = f"seeded stratified carve of val_fraction of the official train ({kind})"
-        kinds["train"] = "official"
-        kinds["val"] = kind
-    if "test" in catalog.groups:
-        selections["test"] = [("test", np.arange(len(catalog.groups["test"])))]
-        methods["test"] = kinds["test"] = "official"
-    return SplitPlan(selections, methods, kinds, grouping)
 
 
 def _resolve_classes(catalog: Catalog, classes: Sequence[str] | None) -> list[str]:
@@ -842,3 +490,13 @@ def list_images(path: str | os.PathLike[str], *, skip_masks: bool = True) -> lis
     if not found:
         raise DataError(f"{root}: no image files found")
     return [str(p) for p in sorted(found, key=lambda p: p.relative_to(root).as_posix())]
+
+
+def make_loader(
+    dataset, batch_size: int, *, seed: int = 0, shuffle: bool = False, num_workers: int = 0
+):
+    """A loader over ``dataset``: fixed order, or one seeded shuffle (evaluation, importance)."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers
+    )

@@ -28,12 +28,23 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .io import DataError, is_hidden, is_image_file, is_mask_file
+from shpeft.config import FORMATS, NATIVE_FORMATS
+
+from .catalog import (
+    SPLIT_NAMES,
+    SPLITS,
+    Catalog,
+    Group,
+    loose_files,
+    read_class_folders,
+    visible_subdirs,
+)
+from .io import DataError
+from .layouts import detect_layout, read_layout
 
 __all__ = [
     "FORMATS",
@@ -46,22 +57,6 @@ __all__ = [
     "read_catalog",
 ]
 
-# Native layouts of the paper's data sets (read in .layouts) come after the generic formats.
-NATIVE_FORMATS = ("busi", "chaoyang", "covid-ct", "cxr3", "oct", "limuc")
-FORMATS = ("auto", "imagefolder", "csv", "medmnist", *NATIVE_FORMATS)
-SPLITS = ("train", "val", "test")
-# Accepted spellings of split names (folders and the CSV `split` column), case-insensitive.
-SPLIT_NAMES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-}
-
-# Label names of the 2D MedMNIST v2 datasets (medmnist/info.py, "label" entries, in index order).
 _ORGAN = [
     "bladder",
     "femur-left",
@@ -138,50 +133,6 @@ _VOLUME_FLAGS = (
 _INT = re.compile(r"^[+-]?\d+$")
 
 
-@dataclass
-class Group:
-    """Samples of one split (or of the whole source).
-
-    Attributes:
-        ids: Sample ids: path relative to the root (folders), path as written (CSV), or
-            ``<split>/<row>`` (npz).
-        labels: Class name per sample.
-        paths: File per sample (folders, CSV), else None.
-        images: ``(N, H, W)`` / ``(N, H, W, 3)`` uint8 array (npz), else None.
-        origin: Where the samples come from, for error messages (a folder or file).
-        patients: Patient (or acquisition) id per sample when the layout provides one (LIMUC,
-            Kermany CXR/OCT file names); seeded splits then keep each patient in one split.
-    """
-
-    ids: list[str]
-    labels: list[str]
-    paths: list[str] | None = None
-    images: np.ndarray | None = None
-    origin: str = ""
-    patients: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class Catalog:
-    """All samples of a source, grouped by official split (or one group ``"all"``)."""
-
-    source: Path
-    format: str
-    layout: str
-    groups: dict[str, Group]
-    classes: list[str]
-    skipped: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def has_official_split(self) -> bool:
-        """True when the source itself defines the split (groups are train/val/test)."""
-        return "all" not in self.groups
-
-
 def detect_format(path: str | os.PathLike[str], data_format: str = "auto") -> str:
     """Resolve ``"auto"`` to a format name.
 
@@ -198,8 +149,6 @@ def detect_format(path: str | os.PathLike[str], data_format: str = "auto") -> st
     if data_format != "auto":
         return data_format
     if path.is_dir():
-        from .layouts import detect_layout  # lazy: layouts imports this module
-
         return detect_layout(path) or "imagefolder"
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -225,8 +174,6 @@ def read_catalog(path: str | os.PathLike[str], data_format: str = "auto") -> Cat
     """
     fmt = detect_format(path, data_format)
     if fmt in NATIVE_FORMATS:
-        from .layouts import read_layout
-
         return read_layout(Path(path), fmt)
     reader = {"imagefolder": _read_imagefolder, "csv": _read_csv, "medmnist": _read_npz}[fmt]
     return reader(Path(path))
@@ -236,69 +183,11 @@ def read_catalog(path: str | os.PathLike[str], data_format: str = "auto") -> Cat
 # ImageFolder
 
 
-def _visible_subdirs(folder: Path) -> list[Path]:
-    return sorted(
-        (p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)),
-        key=lambda p: p.name,
-    )
-
-
-def _loose_files(folder: Path) -> int:
-    return sum(1 for p in folder.iterdir() if p.is_file() and not is_hidden(p.name))
-
-
-def _scan_class_folder(folder: Path, root: Path, skipped: dict[str, int]) -> list[Path]:
-    """Image files anywhere under ``folder``, sorted by relative path; counts what is skipped."""
-    found: list[Path] = []
-    seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:  # a symlink loop: do not walk the same folder twice
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        hidden_dirs = [d for d in dirnames if is_hidden(d)]
-        skipped["hidden"] += len(hidden_dirs)
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        for name in filenames:
-            if is_hidden(name):
-                skipped["hidden"] += 1
-            elif not is_image_file(name):
-                skipped["non_image"] += 1
-            elif is_mask_file(name):
-                skipped["masks"] += 1
-            else:
-                found.append(Path(dirpath) / name)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _read_class_folders(folder: Path, root: Path, skipped: dict[str, int]) -> Group:
-    class_dirs = _visible_subdirs(folder)
-    if not class_dirs:
-        raise DataError(
-            f"{folder}: no class folders found (expected <root>/<class>/<images> or "
-            "<root>/<split>/<class>/<images>)"
-        )
-    skipped["outside_class_folders"] += _loose_files(folder)
-    ids: list[str] = []
-    labels: list[str] = []
-    paths: list[str] = []
-    for class_dir in class_dirs:
-        files = _scan_class_folder(class_dir, root, skipped)
-        if not files:
-            raise DataError(f"class folder {class_dir} contains no images")
-        for f in files:
-            ids.append(f.relative_to(root).as_posix())
-            labels.append(class_dir.name)
-            paths.append(str(f))
-    return Group(ids=ids, labels=labels, paths=paths, origin=str(folder))
-
-
 def _read_imagefolder(root: Path) -> Catalog:
     if not root.is_dir():
         raise DataError(f"{root} is not a folder")
     skipped = {"masks": 0, "non_image": 0, "hidden": 0, "outside_class_folders": 0}
-    subdirs = _visible_subdirs(root)
+    subdirs = visible_subdirs(root)
     if not subdirs:
         raise DataError(f"{root}: empty dataset, no class folders found")
     is_split = [d.name.lower() in SPLIT_NAMES for d in subdirs]
@@ -310,8 +199,8 @@ def _read_imagefolder(root: Path) -> Catalog:
                 raise DataError(
                     f"{root}: two folders name the {key!r} split ({groups[key].origin} and {d})"
                 )
-            groups[key] = _read_class_folders(d, root, skipped)
-        skipped["outside_class_folders"] += _loose_files(root)
+            groups[key] = read_class_folders(d, root, skipped)
+        skipped["outside_class_folders"] += loose_files(root)
         groups = {k: groups[k] for k in SPLITS if k in groups}
         layout = "split"
     elif any(is_split):
@@ -321,7 +210,7 @@ def _read_imagefolder(root: Path) -> Catalog:
             "<root>/<class>/... or <root>/<split>/<class>/..."
         )
     else:
-        groups = {"all": _read_class_folders(root, root, skipped)}
+        groups = {"all": read_class_folders(root, root, skipped)}
         layout = "flat"
     classes = sorted({c for g in groups.values() for c in g.labels})
     return Catalog(root, "imagefolder", layout, groups, classes, skipped)

@@ -29,8 +29,13 @@ Two variants keep related samples together:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
+
+from .catalog import SPLITS, Catalog, Group
+from .io import DataError
 
 __all__ = ["allocate", "grouped_stratified_split", "keep_together", "stratified_split"]
 
@@ -229,3 +234,211 @@ def keep_together(
         where[rows] = target
     parts = tuple(np.flatnonzero(where == k).astype(np.int64) for k in range(3))
     return parts, moved  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Planning the split of a catalog
+
+# A selection is a list of (group key, row indices into that group), concatenated in order.
+Selection = list[tuple[str, np.ndarray]]
+
+
+def _labels_of(catalog: Catalog, group: str) -> np.ndarray:
+    """Integer labels of a group in the catalog's own class order (for stratification)."""
+    index = {c: i for i, c in enumerate(catalog.classes)}
+    return np.array([index[c] for c in catalog.groups[group].labels], dtype=np.int64)
+
+
+@dataclass
+class SplitPlan:
+    """How a catalog is split (see :func:`plan_split`).
+
+    Attributes:
+        selections: Per split, ``[(group key, row indices)]``.
+        methods: Per split, a sentence saying how it was made.
+        kinds: Per split: ``official``, ``seeded-stratified``, ``patient-grouped`` or
+            ``replayed``.
+        grouping: What was kept together (patients, exact duplicates), JSON-able.
+    """
+
+    selections: dict[str, Selection]
+    methods: dict[str, str]
+    kinds: dict[str, str]
+    grouping: dict[str, Any]
+
+
+def pool_train_val(catalog: Catalog) -> Catalog:
+    """The catalog with its official val merged into train (``DataConfig.resplit_val``).
+
+    A seeded val is then carved from the pooled train like for sources without a val split.
+    Sample ids are unchanged, so recorded splits replay against the unmerged catalog too.
+    """
+    groups = catalog.groups
+    if "train" not in groups or "val" not in groups:
+        return catalog
+    tr, va = groups["train"], groups["val"]
+    merged = Group(
+        ids=tr.ids + va.ids,
+        labels=tr.labels + va.labels,
+        paths=tr.paths + va.paths if tr.paths is not None and va.paths is not None else None,
+        images=(
+            np.concatenate([tr.images, va.images])
+            if tr.images is not None and va.images is not None
+            else None
+        ),
+        origin=tr.origin,
+        patients=(
+            tr.patients + va.patients
+            if tr.patients is not None and va.patients is not None
+            else None
+        ),
+    )
+    if merged.paths is None and merged.images is None:
+        raise DataError(f"{catalog.source}: cannot pool train and val stored in different ways")
+    new = {k: g for k, g in groups.items() if k != "val"}
+    new["train"] = merged
+    note = f"official val ({len(va)}) pooled with train ({len(tr)}); val carved from the pool"
+    return replace(catalog, groups=new, notes=[*catalog.notes, note])
+
+
+def pool_of(catalog: Catalog) -> str | None:
+    """The group a seeded split is made of: all samples, the official train (val carved from
+    it), or None (fully official split)."""
+    if not catalog.has_official_split:
+        return "all"
+    if "train" in catalog.groups and "val" not in catalog.groups:
+        return "train"
+    return None
+
+
+def _union_groups(patients: Sequence[str] | None, keys: Sequence[str] | None, n: int) -> list[str]:
+    """One group id per sample: patients, merged where exact duplicates link two of them."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    nodes = [f"p:{patients[i]}" if patients is not None else f"s:{i}" for i in range(n)]
+    if keys is not None:
+        for i, key in enumerate(keys):
+            a, b = find(nodes[i]), find(f"d:{key}")
+            if a != b:
+                parent[b] = a
+    return [find(x) for x in nodes]
+
+
+def _split_pool(
+    catalog: Catalog,
+    pool: str,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    keys: Sequence[str] | None,
+    by: str | None,
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], str, dict[str, Any]]:
+    group = catalog.groups[pool]
+    labels = _labels_of(catalog, pool)
+    grouping: dict[str, Any] = {"patients": None, "duplicates_by": by}
+    if keys is not None:
+        counts: dict[str, int] = {}
+        for key in keys:
+            counts[key] = counts.get(key, 0) + 1
+        dup_groups = [n for n in counts.values() if n > 1]
+        grouping["duplicate_groups"] = len(dup_groups)
+        grouping["duplicate_samples"] = sum(dup_groups)
+        if not dup_groups:
+            keys = None  # nothing to keep together
+    fractions = dict(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    if group.patients is not None:
+        ids = _union_groups(group.patients, keys, len(group))
+        parts = grouped_stratified_split(labels, ids, **fractions)
+        grouping["patients"] = len(set(group.patients))
+        return parts, "patient-grouped", grouping
+    parts = stratified_split(labels, **fractions)
+    if keys is not None:
+        parts, moved = keep_together(*parts, keys)
+        grouping["moved_to_keep_duplicates_together"] = moved
+    return parts, "seeded-stratified", grouping
+
+
+def plan_split(
+    catalog: Catalog,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    duplicate_keys: Sequence[str] | None = None,
+    duplicates_by: str | None = None,
+) -> SplitPlan:
+    """Decide the train/val/test split of a catalog (official, or seeded as documented above).
+
+    Args:
+        catalog: The source's samples.
+        val_fraction: Val fraction (of all samples; of train when carving val from train).
+        test_fraction: Test fraction when the source has no official split.
+        seed: Seed of the seeded part.
+        duplicate_keys: Optional content key per sample of the pool that is split (all samples,
+            or the official train when val is carved); equal keys stay in one split.
+        duplicates_by: How the keys were made (recorded).
+
+    Raises:
+        DataError: An official split without train.
+    """
+    pool = pool_of(catalog)
+    if pool == "all":
+        (train, val, test), kind, grouping = _split_pool(
+            catalog,
+            "all",
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            keys=duplicate_keys,
+            by=duplicates_by,
+        )
+        how = (
+            "seeded stratified split of all samples, grouped by patient"
+            if kind == "patient-grouped"
+            else "seeded stratified split of all samples"
+        )
+        selections = {"train": [("all", train)], "val": [("all", val)], "test": [("all", test)]}
+        return SplitPlan(
+            selections, dict.fromkeys(SPLITS, how), dict.fromkeys(SPLITS, kind), grouping
+        )
+    if "train" not in catalog.groups:
+        raise DataError(
+            f"{catalog.source}: has an official split but no train split "
+            f"(found {sorted(catalog.groups)})"
+        )
+    selections: dict[str, Selection] = {}
+    methods: dict[str, str] = {}
+    kinds: dict[str, str] = {}
+    grouping: dict[str, Any] = {}
+    if pool is None:
+        selections["train"] = [("train", np.arange(len(catalog.groups["train"])))]
+        selections["val"] = [("val", np.arange(len(catalog.groups["val"])))]
+        methods["train"] = methods["val"] = "official"
+        kinds["train"] = kinds["val"] = "official"
+    else:
+        (train, val, _), kind, grouping = _split_pool(
+            catalog,
+            "train",
+            val_fraction=val_fraction,
+            test_fraction=0.0,
+            seed=seed,
+            keys=duplicate_keys,
+            by=duplicates_by,
+        )
+        selections["train"] = [("train", train)]
+        selections["val"] = [("train", val)]
+        methods["train"] = "official, minus the carved val"
+        methods["val"] = f"seeded stratified carve of val_fraction of the official train ({kind})"
+        kinds["train"] = "official"
+        kinds["val"] = kind
+    if "test" in catalog.groups:
+        selections["test"] = [("test", np.arange(len(catalog.groups["test"])))]
+        methods["test"] = kinds["test"] = "official"
+    return SplitPlan(selections, methods, kinds, grouping)

@@ -18,9 +18,10 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
+from shpeft.config import AUGMENTATIONS
+
 __all__ = ["AUGMENTATIONS", "Normalize", "parse_interpolation", "resize_uint8", "to_chw_tensor"]
 
-AUGMENTATIONS = ("none", "flip")
 
 # Modes that torchvision can apply to tensors (box/hamming/lanczos are PIL-only).
 _TENSOR_MODES = {

@@ -28,7 +28,6 @@ be folded into the weights (ReLU between the projections), so the method is not 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -37,60 +36,12 @@ from torch import nn
 from shpeft.delta import Delta
 from shpeft.methods.base import (
     Method,
-    MethodConfig,
     PrepareContext,
     freeze_all_but_head,
     head_delta,
     register,
 )
-
-ADAPTER_INPUTS = ("norm", "residual")
-
-
-@dataclass
-class AdapterConfig(MethodConfig):
-    """AdaptFormer: bottleneck width, output scale, dropout and what the adapter reads."""
-
-    adapter_dim: int = field(
-        default=8,
-        metadata={
-            "help": "bottleneck width r of each block's adapter (the budget knob): "
-            "depth * (2*d*r + r + d) scalars, 0.16M for ViT-B/16 at r=8 (AdaptFormer uses 64)"
-        },
-    )
-    adapter_scale: float = field(
-        default=0.1,
-        metadata={"help": "scale s of the adapter output added to the MLP's (AdaptFormer: 0.1)"},
-    )
-    adapter_dropout: float = field(
-        default=0.0,
-        metadata={
-            "help": "dropout on the bottleneck activations during training, in [0, 1) "
-            "(the official AdaptFormer code uses 0.1)"
-        },
-    )
-    adapter_input: str = field(
-        default="norm",
-        metadata={
-            "help": "what the adapter reads: norm (the MLP's LayerNorm output, AdaptFormer paper "
-            "Eq. 3) or residual (the un-normalised stream, as in the official code)",
-            "choices": ADAPTER_INPUTS,
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.adapter_dim, bool) or int(self.adapter_dim) != self.adapter_dim:
-            raise ValueError(f"adapter_dim must be an integer >= 1, got {self.adapter_dim!r}")
-        if self.adapter_dim < 1:
-            raise ValueError(f"adapter_dim must be >= 1, got {self.adapter_dim}")
-        if not math.isfinite(self.adapter_scale):
-            raise ValueError(f"adapter_scale must be a finite number, got {self.adapter_scale}")
-        if not (0 <= self.adapter_dropout < 1):
-            raise ValueError(f"adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
-        if self.adapter_input not in ADAPTER_INPUTS:
-            raise ValueError(
-                f"adapter_input must be one of {ADAPTER_INPUTS}, got {self.adapter_input!r}"
-            )
+from shpeft.methods.configs import AdapterConfig
 
 
 class BottleneckAdapter(nn.Module):
@@ -213,10 +164,7 @@ class AdaptFormer(Method):
     """AdaptFormer: train a parallel bottleneck adapter in every block, and the head."""
 
     name = "adapter"
-    summary = "AdaptFormer: parallel bottleneck adapter beside every block's MLP, head"
-    config_cls = AdapterConfig
     config: AdapterConfig
-    mergeable = False
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:
         params = add_adapters(model, self.config)

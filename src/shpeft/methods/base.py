@@ -16,11 +16,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from shpeft.delta import Delta
-
-
-@dataclass
-class MethodConfig:
-    """Hyper-parameters of a method (subclasses add fields with help text)."""
+from shpeft.methods.configs import MethodConfig, MethodInfo, method_info
 
 
 @dataclass
@@ -39,12 +35,14 @@ class PrepareContext:
 
 
 class Method:
-    """Base class: subclasses set ``name``, ``summary``, ``config_cls``, ``mergeable``."""
+    """Base class: a subclass sets ``name``; :func:`register` fills in the rest from the method's
+    entry in :mod:`shpeft.methods.configs` (``summary``, ``config_cls``, ``mergeable``, ...)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     mergeable: ClassVar[bool] = True
+    info: ClassVar[MethodInfo]
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.config_cls()
@@ -93,25 +91,34 @@ class Method:
         return {"method": self.name, **asdict(self.config)}
 
 
-METHODS: dict[str, type[Method]] = {}
+_CLASSES: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator adding a method to the registry under ``cls.name``."""
-    if cls.name in METHODS:
+    """Class decorator: the implementation of the method ``cls.name`` of the registry.
+
+    ``summary``, ``config_cls`` and ``mergeable`` come from its :class:`MethodInfo`, so that the
+    registry (what the CLI lists without importing torch) and the class can never disagree.
+    """
+    info = method_info(cls.name)
+    if cls.name in _CLASSES:
         raise ValueError(f"method {cls.name!r} is registered twice")
-    METHODS[cls.name] = cls
+    cls.info, cls.summary, cls.config_cls, cls.mergeable = (
+        info,
+        info.summary,
+        info.config_cls,
+        info.mergeable,
+    )
+    _CLASSES[cls.name] = cls
     return cls
 
 
-def get_method(name: str) -> type[Method]:
-    """The method class registered as ``name`` (clear error listing the known ones)."""
+def registered(name: str) -> type[Method]:
+    """The class registered for ``name`` (its module must have been imported)."""
     try:
-        return METHODS[name]
+        return _CLASSES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}"
-        ) from None
+        raise ValueError(f"method {name!r} has no registered implementation") from None
 
 
 def head_parameters(model: nn.Module, prefix: str = "head") -> dict[str, nn.Parameter]:

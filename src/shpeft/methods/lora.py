@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -33,67 +32,15 @@ from torch import nn
 from shpeft.delta import Delta
 from shpeft.methods.base import (
     Method,
-    MethodConfig,
     PrepareContext,
     freeze_all_but_head,
     head_delta,
     head_parameters,
     register,
 )
+from shpeft.methods.configs import LORA_TARGETS, LoraMethodConfig
 
 # Short target names (the CLI value) -> module path inside a timm ViT block.
-LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-
-
-@dataclass
-class LoraMethodConfig(MethodConfig):
-    """LoRA on the attention projections of every block (peft's implementation)."""
-
-    lora_rank: int = field(
-        default=8,
-        metadata={
-            "help": "r, the rank of each LoRA update (the budget knob): r*(d_in+d_out) scalars per "
-            "adapted matrix, e.g. r=8 on qkv+proj of ViT-B/16 trains 0.44M scalars"
-        },
-    )
-    lora_alpha: float = field(
-        default=8.0,
-        metadata={
-            "help": "LoRA alpha: the update is scaled by alpha/r (8 with r=8: scaling 1, as in "
-            "most ViT LoRA baselines); keep alpha fixed when sweeping r, as in the paper"
-        },
-    )
-    lora_dropout: float = field(
-        default=0.0,
-        metadata={"help": "dropout on the input of the LoRA branch, in [0, 1)"},
-    )
-    lora_targets: str = field(
-        default="qkv,proj",
-        metadata={
-            "help": "comma-separated Linear layers of every block to adapt: qkv (fused query/key/"
-            "value), proj (attention output), fc1, fc2 (MLP)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int):
-            raise ValueError(f"lora_rank must be an integer >= 1, got {self.lora_rank!r}")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        targets = self.target_list()
-        bad = [t for t in targets if t not in LORA_TARGETS]
-        if bad or not targets:
-            raise ValueError(
-                f"lora_targets must be a comma-separated subset of {', '.join(LORA_TARGETS)}, "
-                f"got {self.lora_targets!r}"
-            )
-
-    def target_list(self) -> list[str]:
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
 
 def lora_module_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -192,8 +139,6 @@ class Lora(Method):
     """
 
     name = "lora"
-    summary = "LoRA (Hu et al. 2022, via peft): low-rank updates on attention qkv + proj, head"
-    config_cls = LoraMethodConfig
     config: LoraMethodConfig
 
     def _inject(self, model: nn.Module) -> list[nn.Parameter]:

@@ -50,7 +50,6 @@ class LayerNormTuning(SelectiveMethod):
     """
 
     name = "ln"
-    summary = "FT-LN (Basu et al. 2023): every LayerNorm weight and bias of the backbone, head"
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
@@ -83,7 +82,6 @@ class BitFit(SelectiveMethod):
     """
 
     name = "bitfit"
-    summary = "BitFit (Zaken et al. 2022): every backbone bias (LayerNorm biases too), head"
 
     def selects(self, name: str, param: nn.Parameter) -> bool:
         leaf = name.rsplit(".", 1)[-1]
@@ -107,7 +105,6 @@ class AttentionTuning(SelectiveMethod):
     """
 
     name = "attn"
-    summary = "FT-Att (Touvron et al. 2022): qkv and proj weights/biases of every block, head"
 
     def selects(self, name: str, param: nn.Parameter) -> bool:
         return _ATTN_PARAM.fullmatch(name) is not None

@@ -14,15 +14,11 @@ each named and off by default (``benchmarks/README.md`` has their measurements):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from shpeft.delta import Delta
 from shpeft.importance import (
-    MIXES,
-    STRATEGIES,
     ImportanceTerms,
     eligible_parameters,
     importance_terms,
@@ -31,98 +27,15 @@ from shpeft.importance import (
 )
 from shpeft.methods.base import (
     Method,
-    MethodConfig,
     PrepareContext,
     freeze_all_but_head,
     head_delta,
     register,
 )
+from shpeft.methods.configs import ShpeftConfig
 from shpeft.params import block_of, parameter_kind
 from shpeft.selection import masks_to_indices, select_per_row, select_topk
 from shpeft.sparse import attach_sparse, merge_sparse, sparse_state
-
-
-@dataclass
-class ShpeftConfig(MethodConfig):
-    """SH-PEFT: sparse tuning of the scalars with the highest hybrid importance."""
-
-    ratio: float = field(
-        default=0.01,
-        metadata={
-            "help": "fraction of backbone scalars to train, in (0, 1]: 0.01 is the paper's 1%, 0.0001 is 0.01%"
-        },
-    )
-    strategy: str = field(
-        default="l2",
-        metadata={
-            "help": "importance: l2 (grad^2 + lambda*s*w^2, paper default), l1 (|sum grad| + lambda*s*|w|), "
-            "td-l2 / td-l1 (task-dependent only), ta (task-agnostic |w| only)",
-            "choices": STRATEGIES,
-        },
-    )
-    lam: float = field(
-        default=1.0,
-        metadata={
-            "help": "lambda, weight of the task-agnostic term (paper: 1.0)",
-            "aliases": ("--lambda",),
-        },
-    )
-    importance_batches: int | None = field(
-        default=None,
-        metadata={
-            "help": "B, mini-batches for the importance estimate (default: one epoch of the training split)"
-        },
-    )
-
-    zero_grad: str = field(
-        default="keep",
-        metadata={
-            "help": "keep (paper) or skip scalars whose gradient is zero up to float rounding "
-            "(structurally untrainable, e.g. key biases), detected from the gradients",
-            "choices": ("keep", "skip"),
-        },
-    )
-    mix: str = field(
-        default="paper",
-        metadata={
-            "help": "how the gradient and magnitude terms are scaled before adding: paper "
-            "(eq. 1, one global s), tensor (each term over its tensor's mean), rank (global "
-            "quantiles)",
-            "choices": MIXES,
-        },
-    )
-    allocation: str = field(
-        default="global",
-        metadata={
-            "help": "global (paper: one threshold) or row (every output neuron's best scalars "
-            "first, the rest by one threshold; after GPS)",
-            "choices": ("global", "row"),
-        },
-    )
-    max_density: float | None = field(
-        default=None,
-        metadata={"help": "at most this fraction of any one tensor may be selected (none: no cap)"},
-    )
-
-    def __post_init__(self) -> None:
-        if self.zero_grad not in ("keep", "skip"):
-            raise ValueError(f"zero_grad must be keep or skip, got {self.zero_grad!r}")
-        if self.mix not in MIXES:
-            raise ValueError(f"mix must be one of {MIXES}, got {self.mix!r}")
-        if self.allocation not in ("global", "row"):
-            raise ValueError(f"allocation must be global or row, got {self.allocation!r}")
-        if self.max_density is not None and not 0 < self.max_density <= 1:
-            raise ValueError(f"max_density must be in (0, 1], got {self.max_density}")
-        if self.max_density is not None and self.allocation == "row":
-            raise ValueError("max_density applies to allocation='global' only")
-        if not (0 < self.ratio <= 1):
-            raise ValueError(f"ratio must be in (0, 1] (0.01 means 1%), got {self.ratio}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
-        if self.importance_batches is not None and self.importance_batches < 1:
-            raise ValueError(f"importance_batches must be >= 1, got {self.importance_batches}")
 
 
 @register
@@ -130,8 +43,6 @@ class Shpeft(Method):
     """Estimate importance once, select the global top-k scalars, train only those and the head."""
 
     name = "shpeft"
-    summary = "SH-PEFT: top-k% scalars by hybrid (gradient + magnitude) importance, head"
-    config_cls = ShpeftConfig
     config: ShpeftConfig
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:

@@ -13,7 +13,6 @@ class FullFinetune(Method):
     """Every backbone weight and the head train (the paper's "Full finetune")."""
 
     name = "full"
-    summary = "full fine-tuning: every backbone weight and the head"
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:
         for p in model.parameters():
@@ -29,7 +28,6 @@ class LinearProbe(Method):
     """Only the new head trains (the paper's "Linear probe")."""
 
     name = "linear"
-    summary = "linear probe: the head only, backbone frozen"
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:
         return freeze_all_but_head(model)

@@ -45,7 +45,7 @@ The chosen LoRA modules are written into ``config.spt_lora_modules`` by ``prepar
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -54,85 +54,16 @@ from shpeft.delta import Delta
 from shpeft.importance import eligible_parameters, estimate_importance
 from shpeft.methods.base import (
     Method,
-    MethodConfig,
     PrepareContext,
     freeze_all_but_head,
     head_delta,
     head_parameters,
     register,
 )
+from shpeft.methods.configs import SptLoraConfig
 from shpeft.methods.lora import inject_lora, lora_delta, merge_lora
 from shpeft.selection import masks_to_indices, num_selected, select_topk
 from shpeft.sparse import attach_sparse, merge_sparse, sparse_state
-
-
-@dataclass
-class SptLoraConfig(MethodConfig):
-    """SPT-LoRA: sensitivity-chosen mix of LoRA matrices and unstructured scalars."""
-
-    spt_budget: float = field(
-        default=0.01,
-        metadata={
-            "help": "trainable budget as a fraction of all backbone scalars, in (0, 1]; LoRA "
-            "factors count in full (SPT's accounting). 0.01 = 0.86M on ViT-B/16, within the "
-            "paper's SPT-LoRA range (~0.4M-1M) and equal to shpeft's default ratio"
-        },
-    )
-    spt_lora_rank: int = field(
-        default=8,
-        metadata={"help": "r, rank of the LoRA on structurally tuned matrices (SPT: 8)"},
-    )
-    spt_lora_alpha: float = field(
-        default=8.0,
-        metadata={
-            "help": "LoRA alpha of the structured matrices: updates are scaled by alpha/r "
-            "(alpha = r: scaling 1, like SPT's unscaled LoRA)"
-        },
-    )
-    spt_structured_alpha: float = field(
-        default=10.0,
-        metadata={
-            "help": "SPT's alpha: a matrix goes LoRA when its selected sensitive scalars reach "
-            "r*(d_in+d_out)/alpha (SPT's default 10; 1 = only when they outnumber LoRA's own)"
-        },
-    )
-    spt_batches: int | None = field(
-        default=None,
-        metadata={
-            "help": "mini-batches for the sensitivity (squared gradients); None: one epoch of "
-            "the training split (SPT uses 8-16 batches)"
-        },
-    )
-    spt_lora_modules: str = field(
-        default="",
-        metadata={
-            "help": "comma-separated Linear modules tuned with LoRA; filled in by training "
-            "from the sensitivity (leave empty), read back when loading a run"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.spt_budget, float | int) and 0 < self.spt_budget <= 1):
-            raise ValueError(f"spt_budget must be in (0, 1] (0.01 means 1%), got {self.spt_budget}")
-        if isinstance(self.spt_lora_rank, bool) or not isinstance(self.spt_lora_rank, int):
-            raise ValueError(f"spt_lora_rank must be an integer >= 1, got {self.spt_lora_rank!r}")
-        if self.spt_lora_rank < 1:
-            raise ValueError(f"spt_lora_rank must be >= 1, got {self.spt_lora_rank}")
-        if not self.spt_lora_alpha > 0:
-            raise ValueError(f"spt_lora_alpha must be > 0, got {self.spt_lora_alpha}")
-        if not (self.spt_structured_alpha > 0 and math.isfinite(self.spt_structured_alpha)):
-            raise ValueError(
-                f"spt_structured_alpha must be a finite number > 0, got {self.spt_structured_alpha}"
-            )
-        if self.spt_batches is not None and self.spt_batches < 1:
-            raise ValueError(f"spt_batches must be >= 1 or None, got {self.spt_batches}")
-        if not isinstance(self.spt_lora_modules, str):
-            raise ValueError(
-                f"spt_lora_modules must be a comma-separated string, got {self.spt_lora_modules!r}"
-            )
-
-    def lora_module_list(self) -> list[str]:
-        return [m.strip() for m in self.spt_lora_modules.split(",") if m.strip()]
 
 
 def linear_weights(model: nn.Module, head: str = "head") -> dict[str, nn.Linear]:
@@ -289,10 +220,6 @@ class SptLora(Method):
     """
 
     name = "spt-lora"
-    summary = (
-        "SPT-LoRA (He et al. 2023): LoRA on sensitive matrices + sparse sensitive scalars, head"
-    )
-    config_cls = SptLoraConfig
     config: SptLoraConfig
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:

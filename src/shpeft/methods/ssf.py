@@ -17,8 +17,6 @@ the backbone's state-dict keys, its hash and :func:`~shpeft.delta.apply_delta` a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from timm.layers import LayerNorm, LayerNorm2d, LayerNorm2dFp32, LayerNormFp32
 from timm.layers import Linear as TimmLinear
@@ -27,14 +25,13 @@ from torch import Tensor, nn
 from shpeft.delta import Delta
 from shpeft.methods.base import (
     Method,
-    MethodConfig,
     PrepareContext,
     freeze_all_but_head,
     head_parameters,
     register,
 )
+from shpeft.methods.configs import SsfConfig
 
-SSF_INITS = ("ssf", "identity")
 SSF_ATTR = "ssf"
 """Name of the :class:`ScaleShift` child attached to every target module."""
 
@@ -48,24 +45,6 @@ SSF_STD = 0.02
 _LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, TimmLinear, nn.Conv2d)
 _CHANNELS_LAST_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, LayerNorm, LayerNormFp32)
 _CHANNELS_FIRST_NORMS: tuple[type[nn.Module], ...] = (LayerNorm2d, LayerNorm2dFp32)
-
-
-@dataclass
-class SsfConfig(MethodConfig):
-    """SSF: a per-channel scale and shift after every Linear, LayerNorm and the patch projection."""
-
-    ssf_init: str = field(
-        default="ssf",
-        metadata={
-            "help": "initial scale/shift: ssf (scale ~ N(1, 0.02), shift ~ N(0, 0.02), as in the "
-            "SSF code) or identity (ones/zeros: the prepared model starts equal to the base)",
-            "choices": SSF_INITS,
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.ssf_init not in SSF_INITS:
-            raise ValueError(f"ssf_init must be one of {SSF_INITS}, got {self.ssf_init!r}")
 
 
 class ScaleShift(nn.Module):
@@ -265,8 +244,6 @@ class Ssf(Method):
     """
 
     name = "ssf"
-    summary = "SSF (Lian et al. 2022): per-channel scale/shift after each Linear/LayerNorm, head"
-    config_cls = SsfConfig
     config: SsfConfig
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:

@@ -29,7 +29,6 @@ prompts change the attention's inputs, so nothing can be folded into the weights
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -40,41 +39,12 @@ from torch import nn
 from shpeft.delta import Delta
 from shpeft.methods.base import (
     Method,
-    MethodConfig,
     PrepareContext,
     freeze_all_but_head,
     head_delta,
     register,
 )
-
-
-@dataclass
-class VptConfig(MethodConfig):
-    """VPT: number of prompt tokens (per block for vpt-deep) and prompt dropout."""
-
-    vpt_tokens: int = field(
-        default=10,
-        metadata={
-            "help": "prompt tokens (the budget knob): tokens * dim scalars for vpt-shallow, "
-            "depth * tokens * dim for vpt-deep (ViT-B/16, 10 tokens: 7.7K / 92K); VPT tunes it "
-            "per task in 1-200 and 10 is a common choice"
-        },
-    )
-    vpt_dropout: float = field(
-        default=0.0,
-        metadata={
-            "help": "dropout on the prompt tokens during training, in [0, 1) (VPT's config "
-            "default is 0.0, its example commands use 0.1)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.vpt_tokens, bool) or int(self.vpt_tokens) != self.vpt_tokens:
-            raise ValueError(f"vpt_tokens must be an integer >= 1, got {self.vpt_tokens!r}")
-        if self.vpt_tokens < 1:
-            raise ValueError(f"vpt_tokens must be >= 1, got {self.vpt_tokens}")
-        if not (0 <= self.vpt_dropout < 1):
-            raise ValueError(f"vpt_dropout must be in [0, 1), got {self.vpt_dropout}")
+from shpeft.methods.configs import VptConfig
 
 
 class VisualPrompts(nn.Module):
@@ -215,9 +185,7 @@ def add_prompts(model: nn.Module, config: VptConfig, deep: bool) -> nn.Parameter
 class _VisualPromptTuning(Method):
     """Shared code of VPT-deep and VPT-shallow (not registered itself)."""
 
-    config_cls = VptConfig
     config: VptConfig
-    mergeable = False
     deep: ClassVar[bool]
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:
@@ -240,7 +208,6 @@ class VptDeep(_VisualPromptTuning):
     """VPT-deep: a fresh set of prompt tokens at every block's input, and the head."""
 
     name = "vpt-deep"
-    summary = "VPT-deep: learnable prompt tokens at every block's input, head"
     deep = True
 
 
@@ -249,5 +216,4 @@ class VptShallow(_VisualPromptTuning):
     """VPT-shallow: prompt tokens at the first block's input only, and the head."""
 
     name = "vpt-shallow"
-    summary = "VPT-shallow: learnable prompt tokens at the first block's input, head"
     deep = False
