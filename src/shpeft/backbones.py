@@ -699,7 +699,7 @@ def to_timm_state_dict(sd: Mapping[str, Tensor], model: VisionTransformer) -> di
         sd = convert_hf_clip(sd, prefix)
     sd = checkpoint_filter_fn(sd, model)  # OpenCLIP keys, pos_embed / patch_embed resampling
     # the head is always fresh: CLIP's projection or another task's classifier is never wanted
-    return {k: v for k, v in sd.items() if not k.startswith("head.")}
+    return {k: v for k, v in sd.items() if not is_head(k)}
 
 
 def load_weights(model: VisionTransformer, path: str | Path, *, name: str | None = None) -> None:
@@ -716,7 +716,7 @@ def load_weights(model: VisionTransformer, path: str | Path, *, name: str | None
             unexpected or differently shaped keys other than the head).
     """
     sd = to_timm_state_dict(read_state_dict(path), model)
-    target = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    target = {k: v for k, v in model.state_dict().items() if not is_head(k)}
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
     shapes = [
@@ -735,7 +735,7 @@ def load_weights(model: VisionTransformer, path: str | Path, *, name: str | None
             f"(file {str(path)!r}): {'; '.join(problems)}"
         )
     result = model.load_state_dict(sd, strict=False)
-    leftover = [k for k in result.missing_keys if not k.startswith("head.")]
+    leftover = [k for k in result.missing_keys if not is_head(k)]
     if leftover or result.unexpected_keys:  # pragma: no cover - guarded by the checks above
         raise ValueError(f"weights do not fit the model: {leftover + result.unexpected_keys}")
 

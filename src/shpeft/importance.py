@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from shpeft import distributed
 from shpeft.methods.configs import MIXES, STRATEGIES
+from shpeft.params import under
 from shpeft.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def is_excluded(name: str, exclude: Sequence[str]) -> bool:
     """True when ``name`` is one of ``exclude`` or lies under one of them (``head`` -> ``head.weight``)."""
-    return any(name == e or name.startswith(e + ".") for e in exclude)
+    return any(under(name, e) for e in exclude)
 
 
 def eligible_parameters(

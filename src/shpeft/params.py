@@ -30,9 +30,14 @@ KINDS = (
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
-def is_head(name: str, prefix: str = HEAD_PREFIX) -> bool:
-    """True for the head's parameters (``head.weight``, ``head.bias``, ``head.x.y``)."""
+def under(name: str, prefix: str) -> bool:
+    """True when ``name`` is ``prefix`` or lies under it (``head`` -> ``head.weight``)."""
     return name == prefix or name.startswith(prefix + ".")
+
+
+def is_head(name: str) -> bool:
+    """True for the head's parameters (``head.weight``, ``head.bias``, ``head.x.y``)."""
+    return under(name, HEAD_PREFIX)
 
 
 def parameter_kind(name: str) -> str:

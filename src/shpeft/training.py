@@ -152,14 +152,14 @@ def augment_batch(
 
 def backbone_size(model: nn.Module) -> int:
     """Scalars of the backbone (everything but the head), before any method touches it."""
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head."))
+    return sum(p.numel() for n, p in model.named_parameters() if not is_head(n))
 
 
 def count_trainable(
     model: nn.Module, trainable: list[nn.Parameter], backbone_params: int
 ) -> dict[str, Any]:
     """Trainable scalars, the head counted apart from the backbone budget (same for every method)."""
-    head_ids = {id(p) for n, p in model.named_parameters() if n.startswith("head.")}
+    head_ids = {id(p) for n, p in model.named_parameters() if is_head(n)}
     head = sum(p.numel() for p in trainable if id(p) in head_ids)
     backbone = sum(p.numel() for p in trainable) - head
     return {

@@ -1,4 +1,3 @@
-from shpeft.methods.shpeft import ShpeftConfig
 from tests.helpers import tiny_vit
 from tests.methods.common import backbone_scalars, check_method
 
@@ -9,14 +8,3 @@ def test_full(tmp_path):
 
 def test_linear(tmp_path):
     check_method("linear", expected_backbone=0, tmp_path=tmp_path)
-
-
-def test_shpeft(tmp_path):
-    n = backbone_scalars(tiny_vit())
-    for ratio in (0.0005, 0.01, 0.2):
-        check_method(
-            "shpeft",
-            ShpeftConfig(ratio=ratio),
-            expected_backbone=round(ratio * n),
-            tmp_path=tmp_path,
-        )

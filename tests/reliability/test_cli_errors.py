@@ -3,7 +3,6 @@ no partial run directory. The table doubles as the documentation of the messages
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -204,55 +203,37 @@ def test_a_method_failing_in_prepare_leaves_no_run_directory(env, capsys):
     assert not (env["tmp"] / "run").exists()
 
 
-def test_merge_of_a_non_mergeable_method_is_refused(env, capsys):
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One short, non-mergeable run on BUSI, shared by the tests that need a trained run."""
+    from tests.conftest import SHARED_DATA, SHARED_MODELS
+
+    if not (SHARED_MODELS / "vit_pico").exists():
+        pytest.skip("../shared is absent (it ships beside the project in CI, not in a clone)")
+    out = tmp_path_factory.mktemp("cli_errors") / "run"
     rc = main(
         [
-            "-q",
-            "train",
-            "--model",
-            env["pico"],
-            "--data",
-            env["busi"],
-            "--out",
-            env["out"],
-            "--method",
-            "vpt-shallow",
-            "--iterations",
-            "2",
-            "--no-progress",
+            "-q", "train", "--model", str(SHARED_MODELS / "vit_pico"),
+            "--data", str(SHARED_DATA / "busi_256"), "--out", str(out),
+            "--method", "vpt-shallow", "--iterations", "2", "--no-progress",
         ]
-    )
+    )  # fmt: skip
     assert rc == 0
-    rc = main(["merge", "--run", env["out"], "--out", str(env["tmp"] / "m.safetensors")])
+    return out
+
+
+def test_merge_of_a_non_mergeable_method_is_refused(trained_run, tmp_path, capsys):
+    rc = main(["merge", "--run", str(trained_run), "--out", str(tmp_path / "m.safetensors")])
     assert rc == 2 and "cannot be folded" in capsys.readouterr().err
-    assert not (env["tmp"] / "m.safetensors").exists()
+    assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_corrupted_delta_is_refused_by_eval(env, capsys):
-    rc = main(
-        [
-            "-q",
-            "train",
-            "--model",
-            env["pico"],
-            "--data",
-            env["busi"],
-            "--out",
-            env["out"],
-            "--method",
-            "linear",
-            "--iterations",
-            "2",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
-    delta = env["tmp"] / "run" / "delta.safetensors"
+def test_corrupted_delta_is_refused_by_eval(trained_run, env, capsys):
+    run = env["tmp"] / "run"
+    shutil.copytree(trained_run, run)
+    delta = run / "delta.safetensors"
     raw = bytearray(delta.read_bytes())
     raw[-1] ^= 0x40
     delta.write_bytes(bytes(raw))
-    rc = main(["eval", "--run", env["out"], "--data", env["busi"]])
+    rc = main(["eval", "--run", str(run), "--data", env["busi"]])
     assert rc == 2 and "checksum" in capsys.readouterr().err
-    assert (
-        json.loads((env["tmp"] / "run" / "config.json").read_text())["train"]["method"] == "linear"
-    )

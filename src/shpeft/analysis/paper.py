@@ -30,22 +30,22 @@ PAPER_PROTOCOL = {
 #: The paper's six datasets, in its column order (D1..D6).
 PAPER_DATASETS: tuple[str, ...] = ("Chaoyang", "COVID-CT", "BUSI", "CXR3", "OCT", "LIMUC")
 
-#: shpeft method name -> the paper's row label, in the paper's row order.
-PAPER_METHOD_LABELS: dict[str, str] = {
-    "full": "Full finetune",
-    "linear": "Linear probe",
-    "adapter": "Adapter-par",
-    "ssf": "SSF",
-    "lora": "LoRA",
-    "vpt-deep": "VPT-Deep",
-    "vpt-shallow": "VPT-Shallow",
-    "ln": "FT-LN",
-    "bitfit": "BitFit",
-    "attn": "FT-Att",
-    "spt-lora": "SPT-LoRA",
-    "shpeft": "SH-PEFT",
-}
-PAPER_METHOD_ORDER: tuple[str, ...] = tuple(PAPER_METHOD_LABELS)
+#: The paper's Table 1 rows (shpeft method names, whose ``MethodInfo.label`` is the paper's
+#: row label), in the paper's row order.
+PAPER_METHOD_ORDER: tuple[str, ...] = (
+    "full",
+    "linear",
+    "adapter",
+    "ssf",
+    "lora",
+    "vpt-deep",
+    "vpt-shallow",
+    "ln",
+    "bitfit",
+    "attn",
+    "spt-lora",
+    "shpeft",
+)
 
 #: Table 1: macro F1 (%) per dataset (PAPER_DATASETS order), then the paper's average.
 PAPER_TABLE1_F1: dict[str, tuple[float, ...]] = {

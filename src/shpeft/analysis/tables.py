@@ -14,6 +14,7 @@ Every table is written as Markdown and CSV; missing cells are ``-``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from shpeft.analysis.grid import (
 )
 from shpeft.analysis.report import save_figure
 from shpeft.io_utils import write_csv, write_text
+from shpeft.methods import METHODS
 
 METRICS = {"f1": ("macro_f1", "macro F1"), "acc": ("accuracy", "accuracy"), "auc": ("auc", "AUC")}
 
@@ -97,7 +99,7 @@ def ordered_variants(grid: GridConfig) -> list[str]:
 
 def row_label(grid: GridConfig, name: str) -> str:
     v = grid.variant(name)
-    label = paper.PAPER_METHOD_LABELS.get(v.method, v.method) if v.name == v.method else v.name
+    label = METHODS[v.method].label if v.name == v.method else v.name
     fname, value = default_budget(v)
     return f"{label} ({fname}={value:g})" if fname else label
 
@@ -270,9 +272,7 @@ def paper_table1_markdown() -> str:
     for m in paper.PAPER_METHOD_ORDER:
         lines.append(
             "| "
-            + " | ".join(
-                [paper.PAPER_METHOD_LABELS[m], *(f"{x:.1f}" for x in paper.PAPER_TABLE1_F1[m])]
-            )
+            + " | ".join([METHODS[m].label, *(f"{x:.1f}" for x in paper.PAPER_TABLE1_F1[m])])
             + " |"
         )
     return "\n".join(lines) + "\n"
@@ -282,16 +282,17 @@ def paper_table1_markdown() -> str:
 # Ablations (Table 4, Table 5)
 
 
-def _shpeft_settings(grid: GridConfig) -> dict[str, tuple[str, float, float]]:
-    """variant name -> (strategy, lambda, ratio) for every SH-PEFT variant of the grid."""
-    from shpeft.methods.shpeft import ShpeftConfig
-
+def _importance_settings(grid: GridConfig) -> dict[str, tuple[str, float, float]]:
+    """variant name -> (strategy, lambda, budget) for every variant of the grid whose method
+    ranks by an importance ``strategy`` with a weight ``lam`` (Tables 4 and 5)."""
     out = {}
     for v in grid.methods:
-        if v.method == "shpeft":
-            c = ShpeftConfig(**v.config)
+        info = METHODS[v.method]
+        fields = {f.name for f in dataclasses.fields(info.config_cls)}
+        if {"strategy", "lam"} <= fields and info.budget_field:
+            c = info.config_cls(**v.config)
             strategy = "ta" if c.strategy.startswith("ta") else c.strategy
-            out[v.name] = (strategy, float(c.lam), float(c.ratio))
+            out[v.name] = (strategy, float(c.lam), float(getattr(c, info.budget_field)))
     return out
 
 
@@ -301,10 +302,11 @@ def ablation_tables(grid: GridConfig, table: Table, acc_table: Table) -> dict[st
     A row is filled only when the grid has a variant with that setting and the same ratio as the
     plain ``shpeft`` variant (or the first SH-PEFT variant).
     """
-    settings = _shpeft_settings(grid)
+    settings = _importance_settings(grid)
     if len(settings) < 2:
         return {}
-    base = settings.get("shpeft") or next(iter(settings.values()))
+    plain = [v.name for v in grid.methods if v.name == v.method and v.name in settings]
+    base = settings[plain[0]] if plain else next(iter(settings.values()))
     ratio = base[2]
 
     def find(pred) -> str | None:
@@ -388,8 +390,11 @@ def budget_points(
     return sorted(points, key=lambda p: (p["method"], p["trainable_pct"]))
 
 
-def plot_budgets(points: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Fig. 4: average macro F1 vs trainable % of the backbone (log x); a line per method."""
+def plot_budgets(
+    points: list[dict[str, Any]], path: Path, title: str, highlight: Sequence[str] = ()
+) -> Path:
+    """Fig. 4: average macro F1 vs trainable % of the backbone (log x); a line per method, the
+    ``highlight`` ones (the grid config's ``highlight``) drawn thicker."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -407,7 +412,7 @@ def plot_budgets(points: list[dict[str, Any]], path: Path, title: str) -> Path:
             continue
         pts = [p for p in pts if p["trainable_pct"] > 0]
         style = "o-" if len(pts) > 1 else "s"
-        lw = 2.5 if name == "shpeft" else 1.2
+        lw = 2.5 if name in highlight else 1.2
         ax.plot(
             [p["trainable_pct"] for p in pts],
             [p["avg_macro_f1"] for p in pts],
@@ -651,7 +656,10 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
         fields = ("method", "budget_field", "budget", "trainable_pct", "avg_macro_f1", "runs")
         write_csv(dest / "fig4_budgets.csv", fields, ([p.get(k) for k in fields] for p in points))
         png = plot_budgets(
-            points, dest / "fig4_budgets.png", f"{grid.name}: Fig. 4 layout ({grid.protocol})"
+            points,
+            dest / "fig4_budgets.png",
+            f"{grid.name}: Fig. 4 layout ({grid.protocol})",
+            grid.raw.get("highlight", ()),
         )
         files += [str(dest / "fig4_budgets.csv"), str(png)]
         parts.append(f"### Fig. 4 layout\n\n![macro F1 vs trainable %]({png.name})\n")

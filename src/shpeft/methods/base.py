@@ -17,6 +17,7 @@ from torch import nn
 
 from shpeft.delta import Delta
 from shpeft.methods.configs import MethodConfig, MethodInfo, method_info
+from shpeft.params import is_head
 
 
 @dataclass
@@ -121,8 +122,9 @@ def registered(name: str) -> type[Method]:
         raise ValueError(f"method {name!r} has no registered implementation") from None
 
 
-def head_parameters(model: nn.Module, prefix: str = "head") -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if n == prefix or n.startswith(prefix + ".")}
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The head's parameters by name (:func:`shpeft.params.is_head`)."""
+    return {n: p for n, p in model.named_parameters() if is_head(n)}
 
 
 def freeze_all_but_head(model: nn.Module) -> list[nn.Parameter]:

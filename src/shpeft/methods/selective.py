@@ -14,10 +14,7 @@ from torch import nn
 
 from shpeft.delta import Delta
 from shpeft.methods.base import PrepareContext, SelectiveMethod, register
-
-
-def _is_head(name: str) -> bool:
-    return name == "head" or name.startswith("head.")
+from shpeft.params import is_head
 
 
 def layernorm_parameter_names(model: nn.Module) -> set[str]:
@@ -29,7 +26,7 @@ def layernorm_parameter_names(model: nn.Module) -> set[str]:
     """
     names: set[str] = set()
     for mod_name, module in model.named_modules():
-        if _is_head(mod_name) or not isinstance(module, nn.LayerNorm):
+        if is_head(mod_name) or not isinstance(module, nn.LayerNorm):
             continue
         prefix = f"{mod_name}." if mod_name else ""
         # recurse=False: only the LayerNorm's own affine tensors (weight, bias when present)
@@ -85,7 +82,7 @@ class BitFit(SelectiveMethod):
 
     def selects(self, name: str, param: nn.Parameter) -> bool:
         leaf = name.rsplit(".", 1)[-1]
-        return not _is_head(name) and (leaf == "bias" or leaf.endswith("_bias"))
+        return not is_head(name) and (leaf == "bias" or leaf.endswith("_bias"))
 
 
 _ATTN_PARAM = re.compile(r"blocks\.\d+\.attn\..+")

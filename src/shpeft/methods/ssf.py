@@ -31,6 +31,7 @@ from shpeft.methods.base import (
     register,
 )
 from shpeft.methods.configs import SsfConfig
+from shpeft.params import is_head
 
 SSF_ATTR = "ssf"
 """Name of the :class:`ScaleShift` child attached to every target module."""
@@ -117,10 +118,6 @@ def _ssf_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
     return getattr(module, SSF_ATTR)(output)
 
 
-def _is_head(name: str) -> bool:
-    return name == "head" or name.startswith("head.")
-
-
 def ssf_targets(model: nn.Module) -> list[tuple[str, nn.Module, int, int, bool]]:
     """The modules SSF follows, in ``named_modules`` order (which fixes the init's RNG order).
 
@@ -139,7 +136,7 @@ def ssf_targets(model: nn.Module) -> list[tuple[str, nn.Module, int, int, bool]]
     """
     out = []
     for name, m in model.named_modules():
-        if _is_head(name) or isinstance(m, ScaleShift):
+        if is_head(name) or isinstance(m, ScaleShift):
             continue
         kind = type(m)
         if kind in _LINEAR_TYPES:
