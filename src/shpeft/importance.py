@@ -199,7 +199,9 @@ def term_parts(
     * ``rank``: each term replaced by its global quantile in [0, 1] (ties share the lower
       quantile), the second times ``lam``: the mix depends on the orders only.
 
-    ``td-*`` strategies have a zero task-agnostic part and ``ta`` a zero task-dependent part.
+    ``td-*`` strategies have a zero task-agnostic part and ``ta`` a zero task-dependent part;
+    their one term is scaled the same way (``tensor``: per tensor; ``rank``: by quantile, which
+    orders like the raw term).
     """
     strategy = _norm(strategy)
     if lam < 0:
@@ -208,11 +210,11 @@ def term_parts(
         raise ValueError(f"mix must be one of {MIXES}, got {mix!r}")
     ta = terms.ta
     if strategy == "ta":
-        return {n: torch.zeros_like(t) for n, t in ta.items()}, dict(ta)
+        return {n: torch.zeros_like(t) for n, t in ta.items()}, _scaled(ta, mix)
     td = terms.td
     assert td is not None
     if strategy.startswith("td"):
-        return dict(td), {n: torch.zeros_like(t) for n, t in td.items()}
+        return _scaled(td, mix), {n: torch.zeros_like(t) for n, t in td.items()}
     if mix == "tensor":
         return {n: _by_mean(td[n]) for n in td}, {n: lam * _by_mean(ta[n]) for n in td}
     if mix == "rank":
@@ -231,6 +233,15 @@ def combine_terms(
     """One score per scalar: the sum of the two :func:`term_parts` (``paper``: eq. 1)."""
     a, b = term_parts(terms, strategy, lam, mix)
     return {n: a[n] + b[n] for n in a}
+
+
+def _scaled(term: dict[str, Tensor], mix: str) -> dict[str, Tensor]:
+    """One term alone, scaled as ``mix`` scales each term (``paper``: as it is)."""
+    if mix == "tensor":
+        return {n: _by_mean(t) for n, t in term.items()}
+    if mix == "rank":
+        return _quantiles(term)
+    return dict(term)
 
 
 def _by_mean(t: Tensor) -> Tensor:

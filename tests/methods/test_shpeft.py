@@ -28,7 +28,7 @@ OPTIONS = [
     {"zero_grad": "skip", "mix": "tensor"},
     {"zero_grad": "skip", "mix": "rank"},
     {"zero_grad": "skip", "allocation": "row"},
-    {"zero_grad": "skip", "max_density": 0.3},
+    {"zero_grad": "skip", "density_cap": 3},
     {"strategy": "ta", "zero_grad": "skip"},
     {"strategy": "td-l2", "zero_grad": "skip", "mix": "tensor"},
 ]
@@ -106,7 +106,7 @@ def test_bad_option_values_are_refused():
         ShpeftConfig(zero_grad="drop")
     with pytest.raises(ValueError, match="mix"):
         ShpeftConfig(mix="bogus")
-    with pytest.raises(ValueError, match="max_density"):
-        ShpeftConfig(max_density=0)
+    with pytest.raises(ValueError, match="density_cap"):
+        ShpeftConfig(density_cap=0.5)
     with pytest.raises(ValueError, match="allocation='global' only"):
-        ShpeftConfig(allocation="row", max_density=0.5)
+        ShpeftConfig(allocation="row", density_cap=5)

@@ -86,9 +86,13 @@ class ShpeftConfig(MethodConfig):
             "choices": ("global", "row"),
         },
     )
-    max_density: float | None = field(
+    density_cap: float | None = field(
         default=None,
-        metadata={"help": "at most this fraction of any one tensor may be selected (none: no cap)"},
+        metadata={
+            "help": "no tensor may have more than this many times the overall ratio of its "
+            "scalars selected (e.g. 10: density <= 10 x ratio; scale-free across budgets); "
+            "none: no cap"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -98,10 +102,10 @@ class ShpeftConfig(MethodConfig):
             raise ValueError(f"mix must be one of {MIXES}, got {self.mix!r}")
         if self.allocation not in ("global", "row"):
             raise ValueError(f"allocation must be global or row, got {self.allocation!r}")
-        if self.max_density is not None and not 0 < self.max_density <= 1:
-            raise ValueError(f"max_density must be in (0, 1], got {self.max_density}")
-        if self.max_density is not None and self.allocation == "row":
-            raise ValueError("max_density applies to allocation='global' only")
+        if self.density_cap is not None and not self.density_cap >= 1:
+            raise ValueError(f"density_cap must be >= 1 (x the ratio), got {self.density_cap}")
+        if self.density_cap is not None and self.allocation == "row":
+            raise ValueError("density_cap applies to allocation='global' only")
         if not (0 < self.ratio <= 1):
             raise ValueError(f"ratio must be in (0, 1] (0.01 means 1%), got {self.ratio}")
         if self.strategy not in STRATEGIES:

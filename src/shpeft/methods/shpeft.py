@@ -9,7 +9,7 @@ each named and off by default (``benchmarks/README.md`` has their measurements):
   rank before adding them (:func:`shpeft.importance.term_parts`);
 * ``allocation="row"``: give every output neuron its best scalars first, then fill globally
   (after GPS, Zhang et al. CVPR 2024; :func:`shpeft.selection.select_per_row`);
-* ``max_density``: cap the share of any one tensor that may be selected.
+* ``density_cap``: no tensor denser than this multiple of the overall ratio.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ class Shpeft(Method):
         if cfg.allocation == "row":
             masks = select_per_row(scores, cfg.ratio, forbid=forbid)
         else:
-            masks = select_topk(scores, cfg.ratio, forbid=forbid, max_density=cfg.max_density)
+            cap = None if cfg.density_cap is None else min(1.0, cfg.density_cap * cfg.ratio)
+            masks = select_topk(scores, cfg.ratio, forbid=forbid, max_density=cap)
         indices = masks_to_indices(masks)
         ctx.artifacts["selection"] = selection_summary(model, masks, parts, zeros, terms)
         head = freeze_all_but_head(model)
