@@ -508,3 +508,51 @@ def test_hash_sees_through_parametrizations():
     parametrize.register_parametrization(model.blocks[0].attn.qkv, "weight", AddOne())
     assert set(base_state_dict(model)) == set(base_state_dict(_tiny_clip_vit()))
     assert hash_backbone(model) == h
+
+
+@pytest.mark.slow
+def test_dinov2_loads_runs_and_round_trips_a_delta(tmp_path: Path):
+    """The realistic backbone of the benchmarks: DINOv2 ViT-S/14 in timm's hub layout."""
+    from shpeft.delta import Delta, apply_delta, revert_delta
+    from shpeft.methods import PrepareContext, get_method
+    from shpeft.methods.configs import ShpeftConfig
+    from tests.conftest import SHARED_MODELS
+
+    folder = SHARED_MODELS / "dinov2_vits14"
+    if not folder.exists():
+        pytest.skip(f"{folder} is absent (it ships beside the project in CI, not in a clone)")
+    torch.manual_seed(0)
+    model, spec = create_model(BackboneConfig(model=str(folder), image_size=56), num_classes=3)
+    assert spec.image_size == 56 and spec.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert model.patch_embed.grid_size == (4, 4)
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("head."))
+    assert 21_000_000 < n < 22_100_000  # ViT-S/14 (position embedding resampled to 4x4)
+    base_hash = hash_backbone(model)
+    x = torch.randn(2, 3, 56, 56)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+    # SH-PEFT at 0.01% on two tiny batches, a step, a delta file, and back onto a fresh base
+    batches = [(torch.randn(2, 3, 56, 56), torch.tensor([0, 2])) for _ in range(2)]
+    method = get_method("shpeft")(ShpeftConfig(ratio=0.0001))
+    trainable = method.prepare(model, PrepareContext(importance_loader=lambda: batches))
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    torch.nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    opt.step()
+    assert hash_backbone(model) == base_hash
+    delta = method.delta(model)
+    delta.meta.update({**method.meta(), "base_hash": base_hash})
+    loaded = Delta.load(delta.save(tmp_path / "delta.safetensors"))
+    assert loaded.num_sparse == round(0.0001 * n)
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    fresh, _ = create_model(BackboneConfig(model=str(folder), image_size=56), num_classes=3)
+    fresh.eval()
+    handle = apply_delta(fresh, loaded, base_hash=hash_backbone(fresh))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), want, rtol=0, atol=1e-5)
+    revert_delta(fresh, loaded, handle)
+    assert hash_backbone(fresh) == base_hash

@@ -517,18 +517,30 @@ def cost_markdown(
 def protocol_text(grid: GridConfig) -> str:
     t = grid.train
     b = grid.backbone
+    optimizer = (
+        "AdamW" if t.get("optimizer") == "adamw" else f"SGD momentum {t.get('momentum', 0.9)}"
+    )
     lines = [
         f"Protocol `{grid.protocol}`: backbone `{b.get('model')}` at "
         f"{b.get('image_size') or 'its native'} px; {t.get('iterations', 40000)} iterations, "
-        f"batch {t.get('batch_size', 64)}, SGD momentum {t.get('momentum', 0.9)}, "
-        f"{t.get('schedule', 'cosine')} schedule; seeds {grid.seeds}.",
+        f"batch {t.get('batch_size', 64)}, {optimizer}, {t.get('schedule', 'cosine')} schedule"
+        f"{', warm-up ' + str(t['warmup_iterations']) if t.get('warmup_iterations') else ''}; "
+        f"head start: {t.get('head_init', 'random')}; precision {t.get('precision', 'auto')}; "
+        f"seeds {grid.seeds}.",
     ]
     if grid.lr_search:
         s = grid.lr_search
+        starts = "".join(f"; {k}: {list(v)}" for k, v in s.per_method.items())
+        extend = (
+            f", extended by up to {s.extend} step(s) beyond an end of the grid while the best "
+            "lr lies there"
+            if s.extend
+            else ""
+        )
         lines.append(
-            f"Tuned setting: every method gets the same lr search {list(s.lrs)} "
-            f"({s.iterations} iterations, seed {s.seed}), chosen by validation macro F1; the test "
-            "split is read once per final run."
+            f"Tuned setting: every method gets the same lr search (starting grid "
+            f"{list(s.lrs)}{starts}{extend}; {s.iterations} iterations, seed {s.seed}), chosen "
+            "by validation macro F1; the test split is read once per final run."
         )
     if grid.shared_lr is not None:
         lines.append(f"Shared setting: lr {grid.shared_lr:g} for every method (the paper's way).")
@@ -553,8 +565,7 @@ def lr_choice_markdown(grid: GridConfig, out: Path) -> str:
     lines = [
         "### Learning rates chosen on the validation split (tuned setting)",
         "",
-        "cell: chosen lr (validation macro F1 % of each candidate lr, in order "
-        f"{[f'{x:g}' for x in grid.lr_search.lrs]})",
+        "cell: chosen lr (validation macro F1 % of each candidate lr, lr: F1)",
         "",
         "| method | " + " | ".join(grid.datasets) + " |",
         "|---|" + "---|" * len(grid.datasets),
@@ -570,9 +581,10 @@ def lr_choice_markdown(grid: GridConfig, out: Path) -> str:
             if src != name:
                 cells.append(f"as {src}")
                 continue
-            vals = "/".join(
-                "-" if c["val_macro_f1"] is None else f"{100 * c['val_macro_f1']:.1f}"
-                for c in e["candidates"]
+            vals = ", ".join(
+                f"{c['lr']:g}: "
+                + ("-" if c["val_macro_f1"] is None else f"{100 * c['val_macro_f1']:.1f}")
+                for c in sorted(e["candidates"], key=lambda c: c["lr"])
             )
             if e["chosen"] is not None:
                 chosen = f"{e['chosen']:g}"
