@@ -156,6 +156,40 @@ def test_locations_of_a_shpeft_run(micro, tmp_path):
     )
 
 
+def test_selection_diagnostics_of_a_shpeft_run(micro, tmp_path):
+    from shpeft.analysis.selection import never_moved, run_selection, write_selection
+    from shpeft.delta import Delta
+    from shpeft.runs import load_base_model
+
+    _, out, _ = micro
+    run = run_dir(out, "shpeft", 0)
+    rep = run_selection(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert rep["k"] == metrics["trainable"]["backbone_trainable"]
+    assert rep["best_iteration"] == metrics["best_iteration"]
+    for group in ("per_kind", "per_block"):
+        assert sum(r["selected"] for r in rep[group]) == rep["k"]
+        assert sum(r["share_of_k_pct"] for r in rep[group]) == pytest.approx(100)
+    assert sum(map(sum, rep["map"]["share_of_k_pct"])) == pytest.approx(100)
+    share = rep["term_share_selected"]
+    assert share["td"] + share["ta"] == pytest.approx(1)
+    # "never moved" is exactly: the delta's value equals the base value, bit for bit
+    delta, base = (
+        Delta.load(run / "delta.safetensors"),
+        dict(load_base_model(run).named_parameters()),
+    )
+    want = sum(
+        int((base[n].detach().reshape(-1)[i.long()] == v).sum())
+        for n, (i, v) in delta.sparse.items()
+    )
+    assert rep["unchanged"] == want == sum(m["unchanged"] for m in never_moved(run).values())
+    files = write_selection(rep, tmp_path)
+    assert Path(files["png"]).read_bytes()[:8] == PNG
+    assert "never moved" in Path(files["markdown"]).read_text()
+    with pytest.raises(ValueError, match="no sparse part"):
+        run_selection(run_dir(out, "full", 0))
+
+
 def test_block_names():
     assert block_of("blocks.11.attn.qkv.weight") == "block 11"
     assert block_of("pos_embed") == block_of("patch_embed.proj.weight") == "embed"

@@ -94,6 +94,8 @@ def run_selection(run_dir: str | Path) -> dict[str, Any]:
     cells = group(lambda n: f"{block_of(n)}|{parameter_kind(n)}")
     blocks, kinds = block_order(per_block), kind_order(per_kind)
     conf = json.loads((run_dir / "config.json").read_text())
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     report = {
         "run": str(run_dir),
         "method": conf["train"]["method"],
@@ -101,6 +103,9 @@ def run_selection(run_dir: str | Path) -> dict[str, Any]:
         "k": k,
         "eligible": (summary or {}).get("eligible"),
         "unchanged": sum(r["unchanged"] for r in per_tensor.values()),
+        # the delta holds the best validation state: at iteration 0 (the warm-started head)
+        # nothing of the backbone has moved, whatever the selection
+        "best_iteration": metrics.get("best_iteration"),
         "zero_grad_selected": (summary or {}).get("zero_grad_selected"),
         "zero_grad": (summary or {}).get("zero_grad"),
         "term_share_selected": (summary or {}).get("term_share_selected"),
@@ -130,7 +135,17 @@ def selection_markdown(report: dict[str, Any]) -> str:
         f"k = {k:,} selected scalars"
         + (f" of {report['eligible']:,}" if report.get("eligible") else "")
         + f"; **{report['unchanged']:,} ({100.0 * report['unchanged'] / max(1, k):.2f}%) never "
-        "moved** (trained value equals the base bit for bit)",
+        "moved** (trained value equals the base bit for bit)"
+        + (
+            f"; the exported state is the best validation iteration, {report['best_iteration']}"
+            + (
+                " (the warm start: no backbone scalar had trained yet)"
+                if report["best_iteration"] == 0
+                else ""
+            )
+            if report.get("best_iteration") is not None
+            else ""
+        ),
     ]
     if report.get("zero_grad") is not None:
         lines.append(
