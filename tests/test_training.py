@@ -41,6 +41,15 @@ def test_head_gets_its_own_learning_rate_group():
     assert len(param_groups(model, trainable[1:], TrainConfig())) == 1
 
 
+def test_method_lr_scales_make_one_group_per_multiplier():
+    model = tiny_vit()
+    a, b, c = model.blocks[0].norm1.weight, model.blocks[0].norm1.bias, model.pos_embed
+    trainable = [a, b, c, model.head.weight, model.head.bias]
+    groups = param_groups(model, trainable, TrainConfig(lr=0.01), {id(a): 5.0, id(c): 5.0})
+    assert [(g["lr"], len(g["params"])) for g in groups] == [(0.01, 1), (0.05, 2), (0.01, 2)]
+    assert groups[1]["params"] == [a, c]
+
+
 @pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
 def test_optimizer_choice(name, cls):
     p = nn.Parameter(torch.ones(3))

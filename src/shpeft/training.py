@@ -192,14 +192,24 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def param_groups(model: nn.Module, trainable: list[nn.Parameter], tc: TrainConfig) -> list[dict]:
-    """Optimizer groups: the method's backbone tensors at ``lr``, the head at ``head_lr``."""
+def param_groups(
+    model: nn.Module,
+    trainable: list[nn.Parameter],
+    tc: TrainConfig,
+    scales: dict[int, float] | None = None,
+) -> list[dict]:
+    """Optimizer groups: the method's tensors at ``lr`` (times the method's per-parameter
+    ``scales``, one group per distinct multiplier), the head at ``head_lr``."""
     head_ids = {id(p) for n, p in model.named_parameters() if is_head(n)}
-    groups = [
-        {"params": [p for p in trainable if id(p) not in head_ids], "lr": tc.lr},
-        {"params": [p for p in trainable if id(p) in head_ids], "lr": tc.head_lr or tc.lr},
-    ]
-    return [g for g in groups if g["params"]]
+    scales = scales or {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for p in trainable:
+        head = id(p) in head_ids
+        groups.setdefault((head, 1.0 if head else scales.get(id(p), 1.0)), []).append(p)
+    out = []
+    for (head, mult), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        out.append({"params": params, "lr": (tc.head_lr or tc.lr) if head else tc.lr * mult})
+    return out
 
 
 @dataclass
@@ -419,7 +429,7 @@ def fit(job: Job, trainable: list[nn.Parameter]) -> dict[str, Any]:
     """
     tc, model, device = job.tc, job.model, job.device
     world = distributed.world_size()
-    opt = make_optimizer(tc, param_groups(model, trainable, tc))
+    opt = make_optimizer(tc, param_groups(model, trainable, tc, job.method.lr_scales(model)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
     best, skipped, start = Best(), 0, 0
     state = load_latest_checkpoint(job.src_dir) if job.resume else None

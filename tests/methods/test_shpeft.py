@@ -31,6 +31,7 @@ OPTIONS = [
     {"zero_grad": "skip", "density_cap": 3},
     {"strategy": "ta", "zero_grad": "skip"},
     {"strategy": "td-l2", "zero_grad": "skip", "mix": "tensor"},
+    {"zero_grad": "skip", "step_scale": "rms"},
 ]
 
 
@@ -99,6 +100,27 @@ def test_selection_summary_adds_up():
     share = summary["term_share_selected"]
     assert share["td"] + share["ta"] == pytest.approx(1.0)
     json.dumps(summary)  # written to selection.json
+
+
+def test_rms_step_scale_gives_each_selected_tensor_its_relative_lr():
+    from shpeft.methods.shpeft import tensor_rms_scales
+    from shpeft.sparse import iter_sparse
+
+    model = pretrained_like_vit()
+    want = tensor_rms_scales(model)
+    method = get_method("shpeft")(ShpeftConfig(ratio=0.3, step_scale="rms"))
+    method.prepare(model, PrepareContext(importance_loader=lambda: tiny_batches(2)))
+    scales = method.lr_scales(model)
+    updates = dict(iter_sparse(model))
+    assert len(scales) == len(updates) > 3
+    for name, u in updates.items():
+        assert scales[id(u.values)] == want[name]
+    # LayerNorm scales (weights ~1) get far larger steps than the matrix weights (~0.02)
+    assert want["blocks.0.norm1.weight"] > 10 * want["blocks.0.mlp.fc1.weight"]
+    assert min(want.values()) >= 0.1  # zero-initialised tensors still move
+    plain = get_method("shpeft")(ShpeftConfig(ratio=0.3))
+    plain.prepare(pretrained_like_vit(), PrepareContext(importance_loader=lambda: tiny_batches(2)))
+    assert plain.lr_scales(model) == {}
 
 
 def test_bad_option_values_are_refused():

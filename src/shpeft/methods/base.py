@@ -61,6 +61,14 @@ class Method:
         """
         raise NotImplementedError
 
+    def lr_scales(self, model: nn.Module) -> dict[int, float]:
+        """Per-parameter multipliers of the learning rate, by ``id(param)`` (default: none).
+
+        For methods whose trained tensors differ in scale by orders of magnitude (SH-PEFT's
+        ``step_scale="rms"``); parameters not listed train at the plain lr.
+        """
+        return {}
+
     def state(self, model: nn.Module) -> dict[str, Any]:
         """Data-driven choices made in :meth:`prepare` (tensors), saved once for resuming."""
         return {}

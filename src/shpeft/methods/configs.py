@@ -86,6 +86,16 @@ class ShpeftConfig(MethodConfig):
             "choices": ("global", "row"),
         },
     )
+    step_scale: str = field(
+        default="uniform",
+        metadata={
+            "help": "uniform (one lr for every selected scalar) or rms (each tensor's lr times "
+            "its pretrained RMS over the RMS of the backbone's weight matrices, floored at 0.1x: "
+            "relative steps, so LayerNorm scales and biases move as much, relative to their size, "
+            "as matrix weights, and the small-weight patch embedding less)",
+            "choices": ("uniform", "rms"),
+        },
+    )
     density_cap: float | None = field(
         default=None,
         metadata={
@@ -102,6 +112,8 @@ class ShpeftConfig(MethodConfig):
             raise ValueError(f"mix must be one of {MIXES}, got {self.mix!r}")
         if self.allocation not in ("global", "row"):
             raise ValueError(f"allocation must be global or row, got {self.allocation!r}")
+        if self.step_scale not in ("uniform", "rms"):
+            raise ValueError(f"step_scale must be uniform or rms, got {self.step_scale!r}")
         if self.density_cap is not None and not self.density_cap >= 1:
             raise ValueError(f"density_cap must be >= 1 (x the ratio), got {self.density_cap}")
         if self.density_cap is not None and self.allocation == "row":

@@ -9,7 +9,9 @@ each named and off by default (``benchmarks/README.md`` has their measurements):
   rank before adding them (:func:`shpeft.importance.term_parts`);
 * ``allocation="row"``: give every output neuron its best scalars first, then fill globally
   (after GPS, Zhang et al. CVPR 2024; :func:`shpeft.selection.select_per_row`);
-* ``density_cap``: no tensor denser than this multiple of the overall ratio.
+* ``density_cap``: no tensor denser than this multiple of the overall ratio;
+* ``step_scale="rms"``: each selected tensor's lr scaled by its pretrained RMS (relative steps,
+  after the trust ratios of LARS/LAMB, You et al. 2017/2019, fixed at the pretrained weights).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from shpeft.methods.base import (
 from shpeft.methods.configs import ShpeftConfig
 from shpeft.params import block_of, parameter_kind
 from shpeft.selection import masks_to_indices, select_per_row, select_topk
-from shpeft.sparse import attach_sparse, merge_sparse, sparse_state
+from shpeft.sparse import attach_sparse, iter_sparse, merge_sparse, sparse_state
 
 
 @register
@@ -47,6 +49,7 @@ class Shpeft(Method):
 
     def prepare(self, model: nn.Module, ctx: PrepareContext) -> list[nn.Parameter]:
         cfg = self.config
+        self._rms = tensor_rms_scales(model) if cfg.step_scale == "rms" else {}
         if ctx.saved_state is not None:  # resuming: the selection is fixed once made
             # safetensors sorts keys: restore named_parameters() order (the optimizer's order)
             saved = ctx.saved_state
@@ -82,6 +85,10 @@ class Shpeft(Method):
         values = attach_sparse(model, indices)
         return values + head
 
+    def lr_scales(self, model: nn.Module) -> dict[int, float]:
+        rms = getattr(self, "_rms", {})
+        return {id(u.values): rms[n] for n, u in iter_sparse(model) if n in rms}
+
     def delta(self, model: nn.Module) -> Delta:
         sparse = {n: (i.to(torch.int32), v) for n, (i, v) in sparse_state(model).items()}
         return Delta(sparse=sparse, dense=head_delta(model))
@@ -92,6 +99,20 @@ class Shpeft(Method):
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The selected flat indices per tensor (int64)."""
         return {n: i.clone() for n, (i, _) in sparse_state(model).items()}
+
+
+@torch.no_grad()
+def tensor_rms_scales(model: nn.Module, floor: float = 0.1) -> dict[str, float]:
+    """Per eligible tensor: its RMS over the RMS of all the backbone's weight matrices
+    (at least ``floor``), from the weights as they are now (the pretrained ones, before
+    training); the lr multipliers of ``step_scale="rms"``."""
+    params = eligible_parameters(model)
+    mats = [p.detach().double() for p in params.values() if p.dim() >= 2 and p.shape[0] > 1]
+    ref = torch.sqrt(sum(m.square().sum() for m in mats) / sum(m.numel() for m in mats))
+    return {
+        n: max(floor, float(p.detach().double().square().mean().sqrt() / ref))
+        for n, p in params.items()
+    }
 
 
 def selection_summary(
