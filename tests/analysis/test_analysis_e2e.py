@@ -183,6 +183,15 @@ def test_selection_diagnostics_of_a_shpeft_run(micro, tmp_path):
         for n, (i, v) in delta.sparse.items()
     )
     assert rep["unchanged"] == want == sum(m["unchanged"] for m in never_moved(run).values())
+    # ... and at the last checkpoint (the sparse values come first, in the delta's order)
+    from shpeft.checkpoint import checkpoint_paths
+
+    last = torch.load(checkpoint_paths(run)[0], weights_only=True)["trainable"]
+    want_last = sum(
+        int((base[n].detach().reshape(-1)[i.long()] == v).sum())
+        for (n, (i, _)), v in zip(delta.sparse.items(), last, strict=False)
+    )
+    assert rep["unchanged_last"] == want_last
     files = write_selection(rep, tmp_path)
     assert Path(files["png"]).read_bytes()[:8] == PNG
     assert "never moved" in Path(files["markdown"]).read_text()

@@ -20,24 +20,50 @@ from typing import Any
 import torch
 
 from shpeft.analysis.report import save_figure, write_report
+from shpeft.checkpoint import checkpoint_paths
 from shpeft.delta import Delta
 from shpeft.params import block_of, block_order, kind_order, parameter_kind
 from shpeft.runs import load_base_model
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.float().view(torch.int32) == b.float().view(torch.int32)
+
+
+def last_values(run_dir: str | Path, delta: Delta) -> tuple[dict[str, torch.Tensor], int] | None:
+    """The selected scalars' values at the run's newest checkpoint (normally its last
+    iteration), by tensor, with that iteration; None without a readable matching checkpoint."""
+    paths = checkpoint_paths(Path(run_dir))
+    if not paths:
+        return None
+    try:
+        state = torch.load(paths[0], map_location="cpu", weights_only=True)
+    except Exception:  # an unreadable checkpoint only means no "last state" diagnostics
+        return None
+    trained = list(state.get("trainable", []))
+    out = {}
+    # the checkpoint lists the sparse values tensor by tensor in the delta's order, then the head
+    for (name, (idx, _)), values in zip(delta.sparse.items(), trained, strict=False):
+        if values.numel() != idx.numel():
+            return None
+        out[name] = values
+    return (out, int(state["iteration"])) if len(out) == len(delta.sparse) else None
+
+
 def never_moved(run_dir: str | Path) -> dict[str, dict[str, int]]:
-    """``{tensor: {"selected", "unchanged"}}``: selected scalars whose trained value equals the
-    base value exactly (the run's delta against its own base backbone)."""
+    """``{tensor: {"selected", "unchanged", "unchanged_last"}}``: selected scalars whose value
+    equals the base value bit for bit, in the exported (best-validation) delta and, when the run
+    has a checkpoint, at its last iteration (``unchanged_last``, else absent)."""
     run_dir = Path(run_dir)
     delta = Delta.load(run_dir / "delta.safetensors")
     base = dict(load_base_model(run_dir).named_parameters())
+    last = last_values(run_dir, delta)
     out = {}
     for name, (idx, values) in delta.sparse.items():
         ref = base[name].detach().reshape(-1)[idx.long()]
-        out[name] = {
-            "selected": int(idx.numel()),
-            "unchanged": int((ref.view(torch.int32) == values.float().view(torch.int32)).sum()),
-        }
+        out[name] = {"selected": int(idx.numel()), "unchanged": int(_same_bits(ref, values).sum())}
+        if last is not None:
+            out[name]["unchanged_last"] = int(_same_bits(ref, last[0][name]).sum())
     return out
 
 
@@ -57,6 +83,7 @@ def _rows(groups: dict[str, dict[str, Any]], k: int, order: list[str]) -> list[d
                 "td_share_pct": 100.0 * g["td"] / score if "td" in g and score > 0 else None,
                 "zero_grad_selected": g.get("zero_grad_selected"),
                 "unchanged": g.get("unchanged"),
+                "unchanged_last": g.get("unchanged_last"),
             }
         )
     return rows
@@ -75,6 +102,8 @@ def run_selection(run_dir: str | Path) -> dict[str, Any]:
         row = dict((summary or {}).get("per_tensor", {}).get(name, {}))
         row.setdefault("selected", m["selected"])
         row["unchanged"] = m["unchanged"]
+        if "unchanged_last" in m:
+            row["unchanged_last"] = m["unchanged_last"]
         per_tensor[name] = row
     if summary is not None:  # tensors without any selected scalar still count for sizes
         for name, row in summary.get("per_tensor", {}).items():
@@ -103,6 +132,11 @@ def run_selection(run_dir: str | Path) -> dict[str, Any]:
         "k": k,
         "eligible": (summary or {}).get("eligible"),
         "unchanged": sum(r["unchanged"] for r in per_tensor.values()),
+        "unchanged_last": (
+            sum(r.get("unchanged_last", 0) for r in per_tensor.values())
+            if all("unchanged_last" in m for m in moved.values())
+            else None
+        ),
         # the delta holds the best validation state: at iteration 0 (the warm-started head)
         # nothing of the backbone has moved, whatever the selection
         "best_iteration": metrics.get("best_iteration"),
@@ -147,6 +181,11 @@ def selection_markdown(report: dict[str, Any]) -> str:
             else ""
         ),
     ]
+    if report.get("unchanged_last") is not None:
+        lines.append(
+            f"; at the last iteration, {report['unchanged_last']:,} "
+            f"({100.0 * report['unchanged_last'] / max(1, k):.2f}%) had still not moved"
+        )
     if report.get("zero_grad") is not None:
         lines.append(
             f"; structural zeros (gradient zero up to rounding): {report['zero_grad']:,} in the "
@@ -159,13 +198,15 @@ def selection_markdown(report: dict[str, Any]) -> str:
             f"{100 * share['td']:.1f}%, from the magnitude term: {100 * share['ta']:.1f}%"
         )
     lines += ["", "| kind | selected | share of k % | density % | gradient-term share % | "
-              "structural zeros selected | never moved |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "structural zeros selected | never moved (exported) | not moved at the end |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in report["per_kind"]:
         lines.append(
             f"| {r['name']} | {r['selected']:,} | {r['share_of_k_pct']:.1f} | "
             f"{r['density_pct']:.2f} | {_pct(r['td_share_pct'])} | "
             f"{'-' if r['zero_grad_selected'] is None else format(r['zero_grad_selected'], ',')} | "
-            f"{r['unchanged'] or 0:,} |"
+            f"{r['unchanged'] or 0:,} | "
+            f"{'-' if r['unchanged_last'] is None else format(r['unchanged_last'], ',')} |"
         )
     lines += ["", "| block | selected | share of k % | never moved |", "|---|---:|---:|---:|"]
     for r in report["per_block"]:
@@ -208,8 +249,9 @@ def plot_selection(report: dict[str, Any], path: Path) -> Path:
     bx.barh(y, share, color="#9ecae1", label="share of k")
     if any(r["td_share_pct"] is not None for r in report["per_kind"]):
         bx.barh(y, td, color="#08519c", label="... chosen by the gradient term")
-    unchanged = [100.0 * (r["unchanged"] or 0) / max(1, report["k"]) for r in report["per_kind"]]
-    bx.barh(y, unchanged, color="#d62728", height=0.3, label="... never moved")
+    still = "unchanged_last" if report.get("unchanged_last") is not None else "unchanged"
+    unchanged = [100.0 * (r[still] or 0) / max(1, report["k"]) for r in report["per_kind"]]
+    bx.barh(y, unchanged, color="#d62728", height=0.3, label="... not moved at the end")
     bx.set_yticks(y, kinds)
     bx.invert_yaxis()
     bx.set_xlabel("% of k")
@@ -220,7 +262,7 @@ def plot_selection(report: dict[str, Any], path: Path) -> Path:
 
 def write_selection(report: dict[str, Any], dest: str | Path) -> dict[str, str]:
     header = ("kind", "selected", "share_of_k_pct", "density_pct", "td_share_pct",
-              "zero_grad_selected", "unchanged")  # fmt: skip
+              "zero_grad_selected", "unchanged", "unchanged_last")  # fmt: skip
     rows = [[r[h if h != "kind" else "name"] for h in header] for r in report["per_kind"]]
     return write_report(
         report, dest, "selection", selection_markdown(report), plot_selection, (header, rows)
