@@ -137,7 +137,15 @@ def test_linear_probe_warm_start(tmp_path, vit_pico_dir, shared_data):
     assert first["iteration"] == 0 and first["val"]["macro_f1"] == record["val_macro_f1"]
     assert record["feature_cache_hits"] == 0 and len(list(cache.glob("*.npz"))) == 2
     assert all(math.isfinite(c["val_macro_f1"]) for c in record["candidates"])
+    assert not (tmp_path / "lp" / "head_init_after_prepare.json").exists()  # linear: unchanged
     cfg.train.out = str(tmp_path / "lp2")
     train(cfg)  # the second run reads the cached features and fits the same head
     again = json.loads((tmp_path / "lp2" / "head_init.json").read_text())
     assert again["feature_cache_hits"] == 2 and again["C"] == record["C"]
+
+    # SSF's initial scales change the model: the head is refitted to the prepared model
+    cfg.train.out, cfg.train.method, cfg.method = str(tmp_path / "ssf"), "ssf", None
+    train(cfg)
+    refit = json.loads((tmp_path / "ssf" / "head_init_after_prepare.json").read_text())
+    first = json.loads((tmp_path / "ssf" / "train_log.jsonl").read_text().split("\n")[0])
+    assert first["iteration"] == 0 and first["val"]["macro_f1"] == refit["val_macro_f1"]

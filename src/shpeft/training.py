@@ -340,11 +340,14 @@ def record(job: Job) -> int:
     return 0
 
 
-def warm_start(job: Job) -> None:
+def warm_start(job: Job, after: str | None = None) -> None:
     """``head_init="linear-probe"``: fit the head on the frozen features first (LP-FT).
 
-    Deterministic (and cached), so a resumed run repeats it exactly before its checkpoint
-    restores the trained head.
+    Called before the method prepares (SH-PEFT's importance is estimated with this head), and
+    again with ``after="prepare"`` when preparing changed what the model computes (SSF's
+    initial scales, VPT's prompts): every method then starts from the linear probe of its own
+    initial model. Deterministic (and cached), so a resumed run repeats it exactly before its
+    checkpoint restores the trained head.
     """
     if job.tc.head_init != "linear-probe":
         return
@@ -359,6 +362,8 @@ def warm_start(job: Job) -> None:
         "device": job.device.type,
         "head": job.cfg.backbone.head,
     }
+    if after is not None:  # the prepared model's features depend on the method and the seed
+        key.update(method=job.method.meta(), seed=job.tc.seed, after=after)
     result = warm_start_head(
         job.model,
         job.data.train,
@@ -373,7 +378,23 @@ def warm_start(job: Job) -> None:
         progress=job.tc.progress and job.main,
     )
     if not job.resume:
-        write_json(job.run_dir / "head_init.json", result)
+        name = "head_init.json" if after is None else f"head_init_after_{after}.json"
+        write_json(job.run_dir / name, result)
+
+
+@torch.no_grad()
+def _probe_output(job: Job) -> Tensor | None:
+    """The model's pre-logits features on a few training images (None without linear probe)."""
+    if job.tc.head_init != "linear-probe":
+        return None
+    x = torch.stack([job.data.train[i][0] for i in range(min(4, len(job.data.train)))])
+    was = job.model.training
+    job.model.eval()
+    try:
+        f = job.model.forward_head(job.model.forward_features(x.to(job.device)), pre_logits=True)
+    finally:
+        job.model.train(was)
+    return f.float().cpu()
 
 
 def prepare(job: Job) -> tuple[list[nn.Parameter], dict[str, Any], float]:
@@ -593,7 +614,11 @@ def run_phases(job: Job) -> dict[str, Any]:
     """Every phase of a run in order (with the run directory ready)."""
     record(job)
     warm_start(job)
+    before = _probe_output(job)
     trainable, counts, prepare_s = prepare(job)
+    after = _probe_output(job)
+    if before is not None and not torch.equal(before, after):
+        warm_start(job, after="prepare")  # the method changed the initial model: refit
     loop = fit(job, trainable)
     return finish(job, counts, prepare_s, loop)
 
