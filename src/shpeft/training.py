@@ -37,9 +37,16 @@ from shpeft.checkpoint import RunLock, checkpoint_paths, load_latest_checkpoint,
 from shpeft.config import from_dict, to_dict
 from shpeft.data import DataConfig, check_leakage_cheap, load_data, load_eval_data
 from shpeft.delta import atomic_save_safetensors
-from shpeft.evaluate import evaluate, format_metrics, save_confusion_matrix_png
+from shpeft.evaluate import (
+    compute_metrics,
+    evaluate,
+    format_metrics,
+    predict,
+    save_confusion_matrix_png,
+)
 from shpeft.linear_probe import warm_start_head
 from shpeft.methods import Method, MethodConfig, PrepareContext, get_method
+from shpeft.report.build import peak_memory, report_after_training
 
 log = logging.getLogger("shpeft")
 
@@ -672,12 +679,17 @@ def _train_locked(
         "delta_bytes": delta_path.stat().st_size,
         "val": best.get("val"),
     }
+    test_pred = None  # (labels, probs) of the test pass, saved for the report
     if main and test_loader is not None and not tc.eval_test:
         metrics["test_skipped"] = True  # read later, once, by evaluate_test() if at all
     elif main and test_loader is not None:
-        metrics["test"] = evaluate(model, test_loader, classes, device)
+        test_pred = predict(model, test_loader, device, progress=False)
+        metrics["test"] = compute_metrics(*test_pred, classes)
         _save_test_confusion(metrics["test"], classes, run_dir, method.name)
+    metrics["peak_memory"] = peak_memory(device)
     _write_json(run_dir / "metrics.json", metrics)
+    if main:  # report.html; a failure there logs a warning and never fails the run
+        report_after_training(run_dir, model=model, test_data=data.test, test_pred=test_pred)
     return metrics
 
 
@@ -762,10 +774,12 @@ def evaluate_test(
         raise ValueError(f"{run_dir} already has test metrics; the test split is read once")
     model, classes, spec, conf = load_run(run_dir, device=device)
     loader = run_split_loader(run_dir, conf, spec, "test", batch_size)
-    metrics["test"] = evaluate(model, loader, classes, next(model.parameters()).device)
+    test_pred = predict(model, loader, next(model.parameters()).device, progress=False)
+    metrics["test"] = compute_metrics(*test_pred, classes)
     metrics.pop("test_skipped", None)
     _save_test_confusion(metrics["test"], classes, run_dir, conf["train"]["method"])
     _write_json(metrics_path, metrics)
+    report_after_training(run_dir, model=model, test_data=loader.dataset, test_pred=test_pred)
     return metrics
 
 
