@@ -116,12 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--output", "-o", help="CSV file to write (default: stdout)")
+    p.add_argument(
+        "--explain",
+        metavar="OUT_DIR",
+        help="also write per image an overlay PNG of what the model attended to for its "
+        "predicted class (gradient-weighted attention rollout, Chefer et al. 2021), under OUT_DIR",
+    )
 
     p = sub.add_parser("merge", help="merge a run's delta into a plain timm checkpoint")
     p.add_argument("--run", required=True, help="run directory written by `shpeft train`")
     p.add_argument("--out", required=True, help="output .safetensors file")
 
     sub.add_parser("methods", help="list the available PEFT methods")
+
+    from shpeft.report.command import add_report_parser
+
+    add_report_parser(sub)
 
     from shpeft.data import add_check_arguments
 
@@ -234,6 +244,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from shpeft.data import ImageFileDataset, list_images
+    from shpeft.report.examples import write_explanations
     from shpeft.training import load_run, make_loader
 
     model, classes, spec, _ = load_run(args.run, device=args.device)
@@ -257,6 +268,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     writer.writerow(
                         [path, classes[int(pr.argmax())], *[f"{v:.6f}" for v in pr.tolist()]]
                     )
+                if args.explain:  # overlays for the predicted classes written above
+                    targets = probs.argmax(-1).tolist()
+                    write_explanations(
+                        model,
+                        x,
+                        batch_paths,
+                        targets,
+                        args.explain,
+                        args.images,
+                        spec.mean,
+                        spec.std,
+                    )
+    if args.explain:
+        log.info("explanation overlays written under %s", args.explain)
     return 0
 
 
@@ -297,6 +322,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     return run_check(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from shpeft.report.command import run_report_command
+
+    return run_report_command(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from shpeft.demo import run_demo
 
@@ -320,6 +351,7 @@ COMMANDS = {
     "methods": cmd_methods,
     "data": cmd_data,
     "demo": cmd_demo,
+    "report": cmd_report,
 }
 
 
