@@ -35,6 +35,7 @@ from shpeft.analysis.grid import (
     unique,
 )
 from shpeft.analysis.report import save_figure
+from shpeft.report.index import write_index
 
 METRICS = {"f1": ("macro_f1", "macro F1"), "acc": ("accuracy", "accuracy"), "auc": ("auc", "AUC")}
 
@@ -614,6 +615,7 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
         "",
     ]
     first_text = ""
+    index_tables = []  # (key, desc, Table 1 of macro F1, its runs) for index.html
     for key, desc, specs in settings:
         tables = {}
         for metric, (_, mname) in METRICS.items():
@@ -635,6 +637,7 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
             parts.append(t.markdown())
         if not first_text:
             first_text = tables["f1"].markdown()
+        index_tables.append((key, desc, tables["f1"], specs))
         for name, md in ablation_tables(grid, tables["f1"], tables["acc"]).items():
             (dest / f"{name}_{key}.md").write_text(md)
             files.append(str(dest / f"{name}_{key}.md"))
@@ -677,4 +680,7 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
     md = "\n".join(parts)
     (dest / "summary.md").write_text(md)
     files.append(str(dest / "summary.md"))
+    fig4 = dest / "fig4_budgets.png" if grid.budgets else None
+    index = write_index(grid, out, dest, index_tables, fig4, protocol_text(grid))
+    files.append(str(index))
     return {"markdown": str(dest / "summary.md"), "text": first_text, "files": files}
