@@ -222,6 +222,9 @@ def test_report_of_a_hand_made_run_escapes_and_embeds_everything(tmp_path):
     run, pred = hand_made_run(tmp_path)
     save_predictions(run, pred)
     assert load_predictions(run).ids == pred.ids
+    (run / "result.json").write_text(
+        json.dumps({"wall_s": 12.5, "cpu_s": 20.0, "peak_rss_mb": 900})
+    )
     path = write_report(run, predictions=load_predictions(run))
     text = path.read_text(encoding="utf-8")
     page = Page(text)
@@ -239,6 +242,8 @@ def test_report_of_a_hand_made_run_escapes_and_embeds_everything(tmp_path):
     assert page.value("test.macro_f1") == test["macro_f1"]
     assert page.value(f"test.per_class.{ODD}.recall") == test["per_class"][ODD]["recall"]
     assert page.value("test.ece") == pytest.approx(ece_by_hand(pred.labels, pred.probs, 10))
+    # a grid run's result.json adds its whole-run cost (and stands in for an unrecorded peak)
+    assert page.value("wall_s") == 12.5 and page.value("peak_rss_mb") == 900
     # no model: the examples say why; a linear run has no selection map
     assert "No explanation maps: the model was not loaded" in text
     assert "trains no individually selected scalars" in text

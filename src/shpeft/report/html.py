@@ -85,7 +85,9 @@ def figure(
 ) -> str:
     """An embedded image and its caption (``caption`` is HTML: escape run texts in it)."""
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
-    return f"<figure>{img(data, alt, width=width, mime=mime)}{cap}</figure>"
+    # a sized picture bounds its figure, so that the caption wraps to the picture's width
+    style = f' style="max-width: {int(width) + 2}px"' if width else ""
+    return f"<figure{style}>{img(data, alt, width=width, mime=mime)}{cap}</figure>"
 
 
 def pct(x: float | None, digits: int = 1) -> str:

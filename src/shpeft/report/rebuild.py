@@ -84,15 +84,22 @@ def find_runs(path: str | os.PathLike) -> Iterator[Path]:
 def rebuild_all(
     paths: list[str], *, device: str = "cpu", examples: bool = True, skip_existing: bool = False
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Rebuild the reports of every run found under ``paths``: ``(written, failures)``."""
+    """Rebuild the reports of every run found under ``paths``: ``(written, failures)``.
+
+    A run directory named in ``paths`` raises its error; among the runs found below a folder,
+    one that fails is recorded in ``failures`` and the others go on.
+    """
     written, failed = [], []
     for p in paths:
         for run in find_runs(p):
             if skip_existing and (run / REPORT).is_file():
                 continue
+            if run == Path(p):
+                written.append(rebuild_report(run, device=device, examples=examples))
+                continue
             try:
                 written.append(rebuild_report(run, device=device, examples=examples))
-            except Exception as e:  # one broken run must not stop the others
+            except Exception as e:  # one broken run of a folder must not stop the others
                 log.error("%s: %s: %s", run, type(e).__name__, e)
                 failed.append((run, f"{type(e).__name__}: {e}"))
     return written, failed

@@ -484,8 +484,13 @@ def cost(rec: RunRecord) -> str:
         ("preparation (e.g. importance estimation)", secs("prepare_s", m.get("prepare_s"))),
         ("training loop", secs("train_s", m.get("train_s"))),
         ("throughput (last logged)", "-" if rate is None else esc(f"{rate:.0f} images/s")),
-        ("whole run, wall clock (benchmark grid)", secs("wall_s", r.get("wall_s"))),
-        ("whole run, CPU time (benchmark grid)", secs("cpu_s", r.get("cpu_s"))),
+    ]
+    if r:  # a grid run's result.json (written after the run, so a rebuilt report has it)
+        items += [
+            ("whole run, wall clock", secs("wall_s", r.get("wall_s"))),
+            ("whole run, CPU time of the process", secs("cpu_s", r.get("cpu_s"))),
+        ]
+    items += [
         ("peak resident memory (process)", mb("peak_rss_mb", rss, "not recorded")),
         ("peak CUDA memory allocated", mb("peak_cuda_mb", cuda, "-")),
         ("iterations", esc(m.get("iterations"))),
@@ -494,7 +499,7 @@ def cost(rec: RunRecord) -> str:
     ]
     return (
         '<section id="cost"><h2>Cost</h2>'
-        + table(["", "value"], [[esc(k), v] for k, v in items], css="kv")
+        + table(["measure", "value"], [[esc(k), v] for k, v in items], css="kv")
         + '<p class="muted small">Peak memory is the whole process\'s (a grid that trains several '
         "runs in one process reports the largest so far).</p></section>"
     )
