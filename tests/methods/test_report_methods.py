@@ -55,6 +55,7 @@ def tiny_setup(tmp_path_factory) -> tuple[Path, Path]:
     return folder, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_report_builds_for_every_method(method, tiny_setup, tmp_path):
     model_dir, data = tiny_setup
