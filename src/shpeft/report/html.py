@@ -99,7 +99,8 @@ def pct(x: float | None, digits: int = 1) -> str:
 
 def value(key: str, x: Any, text: str) -> str:
     """Rounded ``text`` tagged with the exact value (``data-value``, JSON) under ``key``."""
-    return f'<span data-key="{esc(key)}" data-value="{esc(json.dumps(x))}">{esc(text)}</span>'
+    exact = json.dumps(x, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    return f'<span data-key="{esc(key)}" data-value="{esc(exact)}">{esc(text)}</span>'
 
 
 def table(
