@@ -32,10 +32,10 @@ def train_args(model_dir, data, out, *extra):
         "--eval-every",
         "6",
         "--no-progress",
-        "--importance-batches",
-        "4",
         # BreastMNIST's official split has one image in both train and test (the BUSI duplicate)
         "--allow-leakage",
+        # SH-PEFT's own option (another method's flags are refused)
+        *([] if "--method" in extra else ["--importance-batches", "4"]),
         *extra,
     ]
 

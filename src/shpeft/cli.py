@@ -119,12 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop at the first unreadable image (default: report it on stderr, predict the "
         "rest, exit with status 1)",
     )
+    p.add_argument(
+        "--explain",
+        metavar="OUT_DIR",
+        help="also write per image an overlay PNG of what the model attended to for its "
+        "predicted class (gradient-weighted attention rollout, Chefer et al. 2021), under OUT_DIR",
+    )
 
     p = sub.add_parser("merge", help="merge a run's delta into a plain timm checkpoint")
     p.add_argument("--run", required=True, help="run directory written by `shpeft train`")
     p.add_argument("--out", required=True, help="output .safetensors file")
 
     sub.add_parser("methods", help="list the available PEFT methods")
+
+    from shpeft.report.command import add_report_parser
+
+    add_report_parser(sub)
 
     from shpeft.data import add_check_arguments
 
@@ -266,6 +276,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from shpeft.data import DataError, ImageFileDataset, list_images
+    from shpeft.report.examples import write_explanations
     from shpeft.runs import load_run
 
     model, classes, spec, _ = load_run(args.run, device=args.device)
@@ -311,6 +322,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                         [path, classes[int(pr.argmax())], *[f"{v:.6f}" for v in pr.tolist()]]
                     )
                 out.flush()
+                if args.explain:  # overlays for the predicted classes written above
+                    targets = probs.argmax(-1).tolist()
+                    write_explanations(
+                        model, x, batch_paths, targets, args.explain, args.images,
+                        spec.mean, spec.std,
+                    )  # fmt: skip
+    if args.explain:
+        log.info("explanation overlays written under %s", args.explain)
     if skipped:
         print(
             f"shpeft predict: {len(skipped)} of {len(ds)} image(s) could not be read and were "
@@ -358,6 +377,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     return run_check(args)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from shpeft.report.command import run_report_command
+
+    return run_report_command(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from shpeft.demo import run_demo
 
@@ -381,6 +406,7 @@ COMMANDS = {
     "methods": cmd_methods,
     "data": cmd_data,
     "demo": cmd_demo,
+    "report": cmd_report,
 }
 
 

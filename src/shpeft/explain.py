@@ -87,7 +87,10 @@ def explain(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     gh, gw = patch_grid(model)
     was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
+    for p, _ in flags:  # only the attention maps need a gradient, never the weights
+        p.requires_grad_(False)
     try:
         with _recording(model) as maps, torch.enable_grad():
             inp = x.detach().clone().requires_grad_(method == "grad-rollout")
@@ -103,6 +106,8 @@ def explain(
         rel = _rollout(maps, method)
     finally:
         model.train(was_training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
     patches = rel[:, 0, -gh * gw :].reshape(-1, gh, gw)
     lo = patches.flatten(1).min(1).values[:, None, None]
     hi = patches.flatten(1).max(1).values[:, None, None]

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from shpeft.backbones import create_model, hash_backbone
 from shpeft.config import BackboneConfig, from_dict
 from shpeft.data import load_eval_data, make_loader
 from shpeft.delta import Delta, apply_delta
-from shpeft.evaluate import evaluate, format_metrics, save_confusion_matrix_png
+from shpeft.evaluate import compute_metrics, format_metrics, predict, save_confusion_matrix_png
 from shpeft.io_utils import write_json, write_text
 from shpeft.methods import Method, get_method
 
@@ -178,13 +179,19 @@ def run_split_loader(
 
 
 def evaluate_test(
-    run_dir: str | os.PathLike, *, device: str = "cpu", batch_size: int | None = None
+    run_dir: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    batch_size: int | None = None,
+    after: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run trained with ``eval_test=False`` on its test split, once.
 
     The test samples are exactly those of the run's ``split.json`` and the model is the exported
     (best-validation) state in ``delta.safetensors``, the same state ``train`` would have tested.
     ``metrics.json`` gains ``test`` (and loses ``test_skipped``); the updated metrics are returned.
+    ``after(run_dir, model=..., test_data=..., test_pred=(labels, probs))`` is then called, e.g.
+    :func:`shpeft.report.build.report_after_training` to write the run's report.
 
     Raises:
         ValueError: the run already has test metrics (the test split is read once per run).
@@ -199,10 +206,13 @@ def evaluate_test(
         raise ValueError(f"{run_dir} already has test metrics; the test split is read once")
     model, classes, spec, conf = load_run(run_dir, device=device)
     loader = run_split_loader(run_dir, conf, spec, "test", batch_size)
-    metrics["test"] = evaluate(model, loader, classes, next(model.parameters()).device)
+    test_pred = predict(model, loader, next(model.parameters()).device, progress=False)
+    metrics["test"] = compute_metrics(*test_pred, classes)
     metrics.pop("test_skipped", None)
     save_test_confusion(metrics["test"], classes, run_dir, conf["train"]["method"])
     write_json(metrics_path, metrics)
+    if after is not None:
+        after(run_dir, model=model, test_data=loader.dataset, test_pred=test_pred)
     return metrics
 
 

@@ -41,12 +41,13 @@ from shpeft.checkpoint import RunLock, checkpoint_paths, load_latest_checkpoint,
 from shpeft.config import BackboneConfig, DataConfig, RunConfig, TrainConfig, from_dict, to_dict
 from shpeft.data import DataBundle, check_leakage_cheap, load_data, make_loader
 from shpeft.delta import atomic_save_safetensors
-from shpeft.evaluate import evaluate
+from shpeft.evaluate import compute_metrics, evaluate, predict
 from shpeft.io_utils import write_json
 from shpeft.linear_probe import warm_start_head
 from shpeft.methods import Method, PrepareContext
 from shpeft.params import is_head
 from shpeft.progress import progress_bar
+from shpeft.report.build import peak_memory, report_after_training
 from shpeft.runs import (
     environment,
     load_run_config,
@@ -601,12 +602,19 @@ def finish(job: Job, counts: dict[str, Any], prepare_s: float, loop: dict[str, A
         "val": best.val,
     }
     test_loader = job.loader("test") if job.main else None
+    test_pred = None  # (labels, probs) of the test pass, saved for the report
     if test_loader is not None and not tc.eval_test:
         metrics["test_skipped"] = True  # read later, once, by runs.evaluate_test() if at all
     elif test_loader is not None:
-        metrics["test"] = evaluate(job.model, test_loader, job.classes, job.device)
+        test_pred = predict(job.model, test_loader, job.device, progress=False)
+        metrics["test"] = compute_metrics(*test_pred, job.classes)
         save_test_confusion(metrics["test"], job.classes, job.run_dir, job.method.name)
+    metrics["peak_memory"] = peak_memory(job.device)
     write_json(job.run_dir / "metrics.json", metrics)
+    if job.main:  # report.html; a failure there logs a warning and never fails the run
+        report_after_training(
+            job.run_dir, model=job.model, test_data=job.data.test, test_pred=test_pred
+        )
     return metrics
 
 

@@ -125,6 +125,8 @@ CASES = [
         ["predict", "--run", "{tmp}", "--images", "{empty}"],
         "run directory",
     ),
+    ("report of a missing path", ["report", "{tmp}/nope"], "not found"),
+    ("report of a folder without runs", ["report", "{empty}"], "neither a run directory"),
 ]
 
 

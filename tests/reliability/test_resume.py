@@ -88,10 +88,10 @@ def test_crash_then_resume_is_bit_identical(reference, tmp_path, monkeypatch, cr
     out = tmp_path / "run"
     real = train_mod.augment_batch
 
-    def crashing(x, kind, seed, it):
+    def crashing(x, kind, seed, it, **kw):
         if it == crash_at:
             raise Crash(f"simulated crash at iteration {it}")
-        return real(x, kind, seed, it)
+        return real(x, kind, seed, it, **kw)
 
     monkeypatch.setattr(train_mod, "augment_batch", crashing)
     with pytest.raises(Crash):
@@ -100,7 +100,7 @@ def test_crash_then_resume_is_bit_identical(reference, tmp_path, monkeypatch, cr
     called = []
     import shpeft.methods.shpeft as shpeft_method
 
-    monkeypatch.setattr(shpeft_method, "estimate_importance", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(shpeft_method, "importance_terms", lambda *a, **k: called.append(1))
     metrics = resume_run(out, progress=False)
     assert metrics["resumed_from"] == ((crash_at - 1) // 4) * 4 or None
     assert_same_delta(ref, out)
@@ -119,10 +119,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path, m
     out = tmp_path / "run"
     real = train_mod.augment_batch
 
-    def crashing(x, kind, seed, it):
+    def crashing(x, kind, seed, it, **kw):
         if it == 15:
             raise Crash("crash")
-        return real(x, kind, seed, it)
+        return real(x, kind, seed, it, **kw)
 
     monkeypatch.setattr(train_mod, "augment_batch", crashing)
     with pytest.raises(Crash):

@@ -718,7 +718,11 @@ def _add_test(job: dict[str, Any]) -> str:
     run_dir = Path(job["run_dir"])
     result = json.loads((run_dir / "result.json").read_text())
     t0 = time.perf_counter()
-    result["metrics"] = evaluate_test(run_dir, device=job["train"]["device"])
+    from shpeft.report.build import report_after_training
+
+    result["metrics"] = evaluate_test(
+        run_dir, device=job["train"]["device"], after=report_after_training
+    )
     result["test_eval_s"] = time.perf_counter() - t0
     result["test_evaluated"] = "after the lr search, from the exported best-validation state"
     write_json(run_dir / "result.json", result)

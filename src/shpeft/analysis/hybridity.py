@@ -20,8 +20,8 @@ from torch import Tensor
 
 from shpeft.analysis.changes import topk_flat, weight_change
 from shpeft.analysis.locations import location_counts, marginals, run_positions
+from shpeft.analysis.output import save_figure, write_outputs
 from shpeft.analysis.paper import PAPER_HYBRIDITY_KS
-from shpeft.analysis.report import save_figure, write_report
 from shpeft.delta import Delta
 from shpeft.params import block_order, kind_order
 from shpeft.runs import load_run_config
@@ -286,6 +286,6 @@ def write_hybridity(report: dict[str, Any], dest: str | Path) -> dict[str, str]:
         for j, b in enumerate(labels)
     )
     header = ["level", "k_percent", "run_a", "run_b", "overlap", "chance"]
-    return write_report(
+    return write_outputs(
         report, dest, "hybridity", hybridity_markdown(report), plot_hybridity, (header, rows)
     )

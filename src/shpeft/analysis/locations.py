@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from shpeft.analysis.changes import layout, topk_flat, weight_change
-from shpeft.analysis.report import save_figure, write_report
+from shpeft.analysis.output import save_figure, write_outputs
 from shpeft.delta import Delta
 from shpeft.params import block_of, block_order, kind_order, parameter_kind
 from shpeft.runs import load_base_model, load_run_config
@@ -214,4 +214,4 @@ def plot_locations(report: dict[str, Any], path: Path) -> Path:
 
 
 def write_locations(report: dict[str, Any], dest: str | Path) -> dict[str, str]:
-    return write_report(report, dest, "locations", locations_markdown(report), plot_locations)
+    return write_outputs(report, dest, "locations", locations_markdown(report), plot_locations)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from shpeft.analysis.report import save_figure, write_report
+from shpeft.analysis.output import save_figure, write_outputs
 from shpeft.checkpoint import checkpoint_paths
 from shpeft.delta import Delta
 from shpeft.params import block_of, block_order, kind_order, parameter_kind
@@ -218,17 +218,15 @@ def selection_markdown(report: dict[str, Any]) -> str:
 
 def plot_selection(report: dict[str, Any], path: Path) -> Path:
     """Selection map (share of k per block x kind) beside per-kind bars of share and terms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     m = report["map"]
     grid = np.array(m["share_of_k_pct"])
-    fig, (ax, bx) = plt.subplots(
-        1, 2, figsize=(12, 0.32 * len(m["blocks"]) + 2.5), width_ratios=[3, 2]
-    )
+    fig = Figure(figsize=(12, 0.32 * len(m["blocks"]) + 2.5))  # no pyplot: no global state
+    FigureCanvasAgg(fig)
+    ax, bx = fig.subplots(1, 2, width_ratios=[3, 2])
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(m["kinds"])), m["kinds"], rotation=45, ha="right")
     ax.set_yticks(range(len(m["blocks"])), m["blocks"])
@@ -264,6 +262,6 @@ def write_selection(report: dict[str, Any], dest: str | Path) -> dict[str, str]:
     header = ("kind", "selected", "share_of_k_pct", "density_pct", "td_share_pct",
               "zero_grad_selected", "unchanged", "unchanged_last")  # fmt: skip
     rows = [[r[h if h != "kind" else "name"] for h in header] for r in report["per_kind"]]
-    return write_report(
+    return write_outputs(
         report, dest, "selection", selection_markdown(report), plot_selection, (header, rows)
     )

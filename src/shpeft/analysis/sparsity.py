@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from shpeft.analysis.changes import finetuned_model, topk_flat
+from shpeft.analysis.output import save_figure, write_outputs
 from shpeft.analysis.paper import PAPER_SPARSITY_CLAIM, PAPER_SPARSITY_KS
-from shpeft.analysis.report import save_figure, write_report
 from shpeft.evaluate import evaluate
 from shpeft.importance import eligible_parameters
 from shpeft.runs import run_split_loader
@@ -151,6 +151,6 @@ def plot_sparsity(report: dict[str, Any], path: Path) -> Path:
 def write_sparsity(report: dict[str, Any], dest: str | Path) -> dict[str, str]:
     header = list(report["rows"][0])
     rows = ([r[k] for k in header] for r in report["rows"])
-    return write_report(
+    return write_outputs(
         report, dest, "sparsity", sparsity_markdown(report), plot_sparsity, (header, rows)
     )

@@ -34,9 +34,10 @@ from shpeft.analysis.grid import (
     shared_specs,
     unique,
 )
-from shpeft.analysis.report import save_figure
+from shpeft.analysis.output import save_figure
 from shpeft.io_utils import write_csv, write_text
 from shpeft.methods import METHODS
+from shpeft.report.index import write_index
 
 METRICS = {"f1": ("macro_f1", "macro F1"), "acc": ("accuracy", "accuracy"), "auc": ("auc", "AUC")}
 
@@ -626,6 +627,7 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
         "",
     ]
     first_text = ""
+    index_tables = []  # (key, desc, Table 1 of macro F1, its runs) for index.html
     for key, desc, specs in settings:
         tables = {}
         for metric, (_, mname) in METRICS.items():
@@ -647,6 +649,7 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
             parts.append(t.markdown())
         if not first_text:
             first_text = tables["f1"].markdown()
+        index_tables.append((key, desc, tables["f1"], specs))
         for name, md in ablation_tables(grid, tables["f1"], tables["acc"]).items():
             write_text(dest / f"{name}_{key}.md", md)
             files.append(str(dest / f"{name}_{key}.md"))
@@ -680,4 +683,7 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
     md = "\n".join(parts)
     write_text(dest / "summary.md", md)
     files.append(str(dest / "summary.md"))
+    fig4 = dest / "fig4_budgets.png" if grid.budgets else None
+    index = write_index(grid, out, dest, index_tables, fig4, protocol_text(grid))
+    files.append(str(index))
     return {"markdown": str(dest / "summary.md"), "text": first_text, "files": files}

@@ -1,4 +1,4 @@
-"""Writing an analysis report: JSON, Markdown, optional CSV and a PNG, side by side in one folder."""
+"""Writing an analysis's outputs: JSON, Markdown, optional CSV and a PNG, side by side in one folder."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_report(
+def write_outputs(
     report: dict[str, Any],
     dest: str | Path,
     stem: str,
