@@ -12,16 +12,36 @@ training does) and reports:
   PNG and its lossless re-encoding match);
 * near duplicates, in two stages. Candidates: a 64-bit difference hash (dHash: the image in
   grayscale, box-filtered to 9x8, one bit per horizontal neighbour pair, "left brighter than
-  right") within Hamming distance ``near_threshold`` (default 6 of 64). Confirmation: the
-  Pearson correlation of the two images' 16x16 grayscale thumbnails is at least
-  ``near_correlation`` (default 0.97). The second stage is needed because a 64-bit hash cannot
-  tell one chest X-ray from another (PneumoniaMNIST: 47,000 candidate pairs at distance <= 4, of
-  which 34 correlate >= 0.97, 31 of them exact copies), while a brightened, JPEG re-encoded or
-  rescaled copy correlates above 0.99 (random pairs of X-rays: 99.9th percentile 0.90). Both
-  stages ignore global brightness/contrast changes; neither survives crops, rotations or flips.
+  right") within Hamming distance ``near_threshold`` (default 6 of 64). Confirmation, on 16x16
+  grayscale thumbnails (zero mean, unit norm), both of:
+
+  - the thumbnails correlate (Pearson) at least ``near_correlation`` (default 0.97);
+  - their *centred* correlation (:func:`centred_correlation`) is at least
+    ``near_centred_correlation`` (default 0.93): the correlation of the two thumbnails' deviations
+    from the mean thumbnail of the other images of the data set, i.e. of what each image has that
+    the data set as a whole does not.
+
+  The centring is what makes the rule work on data sets whose images share one layout. All chest
+  X-rays look alike at 16x16, and dHash cannot tell them apart: in CXR3 (5,856 images) 1.5 M pairs
+  are within 6 bits and 476 of them correlate >= 0.97, all different children in a labelled
+  sample of 60; their centred correlation is at most 0.915. Edited copies keep theirs above 0.96
+  (JPEG re-encoded, shrunk to 3/4, brightened, gamma 0.8, annotated, noisy; 0.94 for a 28x28
+  image shrunk to 21x21), and so do most other frames of one ultrasound sweep (BUSI: 193 of the
+  195 pairs the plain correlation flags score >= 0.93; a labelled 60 of them are all the same
+  scene). A higher-resolution comparison does not do this job: at 64x64, frames of one sweep
+  correlate less (down to 0.91) than different children (up to 0.965). Measurements and eye
+  labels: ``benchmarks/results/data_check/``. Subtracting a data set's mean image before
+  comparing is the first step of eigenface matching (Turk and Pentland, "Eigenfaces for
+  recognition", 1991), here without the projection. Neither stage survives crops (of more than a
+  few percent), rotations or flips; repeat films of one patient are not the same image and are
+  not found (seeded splits keep a patient together where the layout names patients); in a 28x28
+  set (MedMNIST) a copy cannot always be told from a look-alike: there is too little in 28x28
+  pixels.
+
   Candidates come from a vectorised XOR/popcount distance matrix computed in row blocks: exact,
   O(N^2) time and O(block x N) memory, about a second for 20k images; for far larger sets (the
-  84k-image OCT2017) expect a minute or more;
+  84k-image OCT2017) expect a minute or more. Confirmation runs on the candidates in chunks, so
+  memory stays bounded however many there are;
 * class imbalance: the ratio of the largest to the smallest class count, flagged above
   ``imbalance_threshold`` (default 5).
 
@@ -81,10 +101,12 @@ from .splits import plan_split, pool_of
 
 __all__ = [
     "DEFAULT_IMBALANCE_THRESHOLD",
+    "DEFAULT_NEAR_CENTRED_CORRELATION",
     "DEFAULT_NEAR_CORRELATION",
     "DEFAULT_NEAR_THRESHOLD",
     "CheckReport",
     "add_check_arguments",
+    "centred_correlation",
     "check_dataset",
     "dhash",
     "hamming_pairs",
@@ -94,10 +116,12 @@ __all__ = [
 
 DEFAULT_NEAR_THRESHOLD = 6
 DEFAULT_NEAR_CORRELATION = 0.97
+DEFAULT_NEAR_CENTRED_CORRELATION = 0.93
 THUMB = 16  # side of the grayscale thumbnail used to confirm near duplicates
 DEFAULT_IMBALANCE_THRESHOLD = 5.0
 MAX_NEAR_PAIRS = 5000  # stored in the report; more are counted, not listed
-HASH_NAME = "dHash-64 + 16x16 thumbnail correlation"
+HASH_NAME = "dHash-64 + 16x16 thumbnail correlation, plain and centred on the data set mean"
+PAIR_CHUNK = 1 << 16  # candidate pairs confirmed at a time (memory: 2 x chunk x 1 KB)
 _DEFAULTS = DataConfig(data=".")  # the training defaults for seed and fractions
 
 
@@ -133,6 +157,27 @@ def thumbnail(image: np.ndarray | Image.Image) -> np.ndarray:
     t = t - t.mean()
     norm = float(np.linalg.norm(t))
     return t / norm if norm > 0 else t
+
+
+def centred_correlation(a: np.ndarray, b: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """Correlation of thumbnails ``a`` and ``b`` after subtracting ``template`` from both.
+
+    With ``template`` the mean thumbnail of the *other* images of a data set, this measures how
+    much the two images agree in what sets them apart from the rest, not in what every image of
+    the set shares (the layout of a chest X-ray, the dark lower half of an ultrasound frame).
+
+    Args:
+        a: Thumbnails, ``(..., D)`` (as :func:`thumbnail` makes them, flattened).
+        b: Thumbnails of the same shape.
+        template: ``(D,)`` or broadcastable to ``a``.
+
+    Returns:
+        ``(...)`` float array in [-1, 1]; 0 where a deviation is all zeros.
+    """
+    da, db = a - template, b - template
+    norms = np.linalg.norm(da, axis=-1) * np.linalg.norm(db, axis=-1)
+    dots = np.einsum("...i,...i->...", da, db)
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
 
 
 def hamming_pairs(
@@ -192,9 +237,12 @@ class CheckReport:
         file_types: File extension (or ``npz``) -> count.
         unreadable: ``[{id, split, label, error}]``.
         exact_duplicates: ``[{members: [{id, split, label}], label_conflict, leakage}]``.
-        near_duplicates: ``[{a, b, distance, label_conflict, leakage}]`` (at most
+        near_duplicates: ``[{a, b, distance, correlation, centred_correlation,
+            label_conflict, leakage}]`` (at most
             ``MAX_NEAR_PAIRS`` listed; ``near_duplicate_pairs`` counts all).
         near_duplicate_pairs: Number of near-duplicate pairs found.
+        near_rejected_pairs: Candidate pairs whose thumbnails correlate but whose centred
+            correlation falls short (alike only in what the whole data set shares; not listed).
         imbalance: ``{ratio, largest, smallest, threshold, flagged}``.
         skipped: Files skipped while listing (masks, non-images, hidden, ...).
         notes: Remarks of the reader (e.g. no patient ids, unlisted files).
@@ -218,6 +266,7 @@ class CheckReport:
     exact_duplicates: list[dict[str, Any]] = field(default_factory=list)
     near_duplicates: list[dict[str, Any]] = field(default_factory=list)
     near_duplicate_pairs: int = 0
+    near_rejected_pairs: int = 0
     imbalance: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -303,11 +352,18 @@ class CheckReport:
             s = self.settings
             out.append(
                 f"near duplicates (dHash distance <= {s.get('near_threshold')}, thumbnail "
-                f"correlation >= {s.get('near_correlation')}): {self.near_duplicate_pairs} pair(s)"
+                f"correlation >= {s.get('near_correlation')}, centred correlation >= "
+                f"{s.get('near_centred_correlation')}): {self.near_duplicate_pairs} pair(s)"
             )
+            if self.near_rejected_pairs:
+                out.append(
+                    f"  ({self.near_rejected_pairs} more pair(s) correlate only in what the whole "
+                    "data set shares: not flagged)"
+                )
             for p in self.near_duplicates[:max_items]:
                 out.append(
-                    f"  d={p['distance']} r={p['correlation']:.3f} {_tags(p)}{_member(p['a'])} ~ "
+                    f"  d={p['distance']} r={p['correlation']:.3f} "
+                    f"rc={p['centred_correlation']:.3f} {_tags(p)}{_member(p['a'])} ~ "
                     f"{_member(p['b'])}"
                 )
             _more(out, self.near_duplicates, max_items, total=self.near_duplicate_pairs)
@@ -427,6 +483,7 @@ def check_dataset(
     test_fraction: float = _DEFAULTS.test_fraction,
     near_threshold: int = DEFAULT_NEAR_THRESHOLD,
     near_correlation: float = DEFAULT_NEAR_CORRELATION,
+    near_centred_correlation: float = DEFAULT_NEAR_CENTRED_CORRELATION,
     imbalance_threshold: float = DEFAULT_IMBALANCE_THRESHOLD,
     allow_leakage: bool = False,
     allow_label_conflicts: bool = False,
@@ -447,7 +504,9 @@ def check_dataset(
         test_fraction: As ``DataConfig.test_fraction``.
         near_threshold: Maximum dHash Hamming distance (of 64 bits) of near-duplicate
             candidates; negative to skip the near-duplicate search.
-        near_correlation: Minimum thumbnail correlation that confirms a candidate.
+        near_correlation: Minimum thumbnail correlation of a candidate.
+        near_centred_correlation: Minimum centred thumbnail correlation (see
+            :func:`centred_correlation`) that confirms a candidate.
         imbalance_threshold: Flag a largest/smallest class ratio above this.
         allow_leakage: Report exact train-val/test duplicates as warnings, not errors.
         allow_label_conflicts: Report exact duplicates with different labels as warnings.
@@ -467,6 +526,7 @@ def check_dataset(
         "hash": HASH_NAME,
         "near_threshold": near_threshold,
         "near_correlation": near_correlation,
+        "near_centred_correlation": near_centred_correlation,
         "imbalance_threshold": imbalance_threshold,
         "allow_leakage": allow_leakage,
         "allow_label_conflicts": allow_label_conflicts,
@@ -538,7 +598,7 @@ def check_dataset(
     _unreadable(report, samples, seen)
     _exact(report, samples, seen, allow_leakage, allow_label_conflicts)
     if near_threshold >= 0:
-        _near(report, samples, seen, near_threshold, near_correlation)
+        _near(report, samples, seen, near_threshold, near_correlation, near_centred_correlation)
     _classes(report, imbalance_threshold)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
@@ -650,24 +710,45 @@ def _near(
     seen: list[_Seen],
     threshold: int,
     min_correlation: float,
+    min_centred: float,
 ) -> None:
     ok = [n for n, v in enumerate(seen) if v.error is None]
     if len(ok) < 2:
         return
     hashes = np.array([seen[n].near for n in ok], dtype=np.uint64)
     ii, jj, dd = hamming_pairs(hashes, threshold)
-    thumbs = np.stack([seen[n].thumb for n in ok])  # type: ignore[misc]
-    corr = np.einsum("ij,ij->i", thumbs[ii], thumbs[jj]) if len(ii) else np.zeros(0)
-    keep = corr >= min_correlation
+    thumbs = np.stack([seen[n].thumb for n in ok])  # type: ignore[misc]  # (N, 256)
+    # Plain correlation first, in chunks: a data set of look-alikes (chest X-rays) gives millions
+    # of dHash candidates, and gathering all their thumbnails at once would take gigabytes.
+    keep = np.zeros(len(ii), dtype=bool)
+    for start in range(0, len(ii), PAIR_CHUNK):
+        i, j = ii[start : start + PAIR_CHUNK], jj[start : start + PAIR_CHUNK]
+        corr = np.einsum("ij,ij->i", thumbs[i], thumbs[j])
+        keep[start : start + PAIR_CHUNK] = corr >= min_correlation
+    ii, jj, dd = ii[keep], jj[keep], dd[keep]
+    exact = np.array([seen[n].exact for n in ok])
+    distinct = exact[ii] != exact[jj]  # exact duplicates are reported as such
+    ii, jj, dd = ii[distinct], jj[distinct], dd[distinct]
+    a, b = thumbs[ii], thumbs[jj]
+    corr = np.einsum("ij,ij->i", a, b)
+    # Mean thumbnail of the other images (leave the pair out, so that a small set's mean is not
+    # pulled towards the pair itself); with no other image, no template (plain correlation).
+    n = len(ok)
+    template = (thumbs.sum(0) - a - b) / (n - 2) if n > 2 else np.zeros_like(a)
+    centred = centred_correlation(a, b, template)
+    confirmed = centred >= min_centred
+    report.near_rejected_pairs = int((~confirmed).sum())
     kinds = Counter()
     pairs = []
-    for i, j, d, c in zip(
-        ii[keep].tolist(), jj[keep].tolist(), dd[keep].tolist(), corr[keep].tolist(), strict=True
+    for i, j, d, c, cc in zip(
+        ii[confirmed].tolist(),
+        jj[confirmed].tolist(),
+        dd[confirmed].tolist(),
+        corr[confirmed].tolist(),
+        centred[confirmed].tolist(),
+        strict=True,
     ):
-        a, b = ok[i], ok[j]
-        if seen[a].exact == seen[b].exact:
-            continue  # already an exact duplicate
-        sa, sb = samples[a], samples[b]
+        sa, sb = samples[ok[i]], samples[ok[j]]
         conflict, leak = sa.label != sb.label, _leaks((sa.split, sb.split))
         kinds["label_conflict"] += conflict
         kinds["leakage"] += leak
@@ -679,19 +760,21 @@ def _near(
                     "b": _describe(sb),
                     "distance": int(d),
                     "correlation": round(float(c), 4),
+                    "centred_correlation": round(float(cc), 4),
                     "label_conflict": conflict,
                     "leakage": leak,
                 }
             )
-    pairs.sort(key=lambda p: (not p["leakage"], not p["label_conflict"], p["distance"]))
+    pairs.sort(key=lambda p: (not p["leakage"], not p["label_conflict"], -p["centred_correlation"]))
     report.near_duplicates = pairs
     report.near_duplicate_pairs = kinds["total"]
     if kinds["total"]:
         report.warnings.append(
             f"{kinds['total']} near-duplicate pair(s) (dHash distance <= {threshold}, "
-            f"correlation >= {min_correlation:g}): "
+            f"correlation >= {min_correlation:g}, centred correlation >= {min_centred:g}): "
             f"{kinds['leakage']} across train and val/test, {kinds['label_conflict']} with "
-            "different labels; look at them (they may be re-encoded or edited copies)"
+            "different labels; look at them (they may be re-encoded or edited copies, or other "
+            "frames of one acquisition)"
         )
 
 
@@ -770,8 +853,16 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         type=float,
         default=DEFAULT_NEAR_CORRELATION,
         metavar="R",
-        help="confirm a candidate when its 16x16 grayscale thumbnails correlate >= R "
-        "(default %(default)s)",
+        help="near duplicates: 16x16 grayscale thumbnails correlate >= R (default %(default)s)",
+    )
+    parser.add_argument(
+        "--near-centred-correlation",
+        type=float,
+        default=DEFAULT_NEAR_CENTRED_CORRELATION,
+        metavar="R",
+        help="confirm a near duplicate when the thumbnails' deviations from the data set's mean "
+        "thumbnail correlate >= R (default %(default)s; measured precision in "
+        "benchmarks/results/data_check)",
     )
     parser.add_argument(
         "--imbalance-threshold",
@@ -816,6 +907,7 @@ def run_check(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         near_threshold=args.near_threshold,
         near_correlation=args.near_correlation,
+        near_centred_correlation=args.near_centred_correlation,
         imbalance_threshold=args.imbalance_threshold,
         allow_leakage=args.allow_leakage,
         allow_label_conflicts=args.allow_label_conflicts,
