@@ -370,8 +370,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        where = " ".join(str(p) for p in first.get("loc", ()))
-        return body(422, f"{where}: {first.get('msg', 'invalid value')}".lower())
+        loc = [str(p) for p in first.get("loc", ())]
+        where = f"the {loc[0]} parameter {loc[-1]!r}" if len(loc) > 1 else "the request"
+        msg = str(first.get("msg", "invalid value"))
+        return body(422, f"{where} is invalid: {msg[:1].lower()}{msg[1:]}")
 
     @app.exception_handler(Exception)
     async def server_error(_request: Request, e: Exception) -> JSONResponse:

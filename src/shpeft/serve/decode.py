@@ -113,9 +113,10 @@ def _status_of(e: DataError, name: str, limit: int) -> RequestError:
     if isinstance(cause, UnidentifiedImageError):
         return RequestError(415, f"the file {name!r} is not an image ({FORMATS})")
     detail = str(e).removeprefix(f"{name}: ")
-    if isinstance(cause, OSError) and "truncated" in str(cause):
+    # Pillow: "image file is truncated"; pydicom: "... bytes of pixel data is less than expected"
+    if "truncated" in str(cause) or "less than expected" in str(cause):
         return RequestError(422, f"the image {name!r} is truncated or incomplete")
-    return RequestError(422, f"the image {name!r} cannot be decoded ({detail})")
+    return RequestError(422, f"the image {name!r} cannot be decoded ({_short(detail)})")
 
 
 def _short(e: BaseException) -> str:

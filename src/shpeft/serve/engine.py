@@ -80,6 +80,9 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if batch_wait_s < 0:
             raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s}")
+        if registry.engine_open:
+            raise RuntimeError("this registry is already served by an engine; close that first")
+        registry.engine_open = True
         self.registry = registry
         self._workers = {
             b.key: _Worker(b, registry.device, max_batch, batch_wait_s, explain_method)
@@ -108,6 +111,7 @@ class Engine:
             w.stop()
         for w in self._workers.values():
             w.thread.join(timeout)
+        self.registry.engine_open = any(w.thread.is_alive() for w in self._workers.values())
 
 
 class _Worker:

@@ -146,6 +146,8 @@ class Registry:
     refused: dict[str, Refusal] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     shared: bool = True
+    engine_open: bool = field(default=False, repr=False)
+    """Set while an engine runs the tasks: two would write deltas into one base at once."""
 
     def memory(self) -> dict[str, int]:
         """Bytes of every distinct tensor held: backbones, task-owned tensors, switch deltas."""
