@@ -5,11 +5,11 @@ task's delta is in them. The worker takes the oldest job, then everything queued
 (optionally waiting ``batch_wait_s`` for more), groups the jobs by task in order of arrival,
 and for each task:
 
-1. writes the task's switch delta into the shared tensors (:func:`shpeft.delta.apply_delta`,
-   which returns the overwritten values: O(k) time and memory);
+1. writes the task's switch delta into the shared tensors (:class:`shpeft.serve.switch.Switch`,
+   which keeps the overwritten values: O(k) time and memory);
 2. runs its jobs in batches of at most ``max_batch`` through the task's view of the base;
-3. restores the base (:func:`shpeft.delta.revert_delta`, bit for bit), in a ``finally``, so a
-   failing batch cannot leave one task's weights in place for the next.
+3. restores the base, bit for bit, in a ``finally``, so a failing batch cannot leave one task's
+   weights in place for the next.
 
 A failure is delivered to the jobs of its own batch only. Jobs cancelled before they run (the
 client went away) are skipped. Results are ``concurrent.futures.Future`` objects, awaitable
@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shpeft.delta import apply_delta, revert_delta
 from shpeft.explain import explain
 from shpeft.serve.registry import Base, Registry, Task
 
@@ -197,7 +196,7 @@ class _Worker:
         handle = None
         try:
             if task.switch is not None:
-                handle = apply_delta(task.model, task.switch)
+                handle = task.switch.apply()
                 self.counts["switches"] += 1
         except Exception as e:  # validated at load; anything here is a bug, kept to this task
             log.exception("applying the delta of task %s failed", task.name)
@@ -213,7 +212,7 @@ class _Worker:
         finally:
             if handle is not None:
                 try:
-                    revert_delta(task.model, task.switch, handle)
+                    task.switch.revert(handle)
                 except Exception:  # the base is no longer the base: stop serving it
                     log.exception(
                         "restoring base %s after task %s failed", self.base.key, task.name

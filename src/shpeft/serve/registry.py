@@ -14,9 +14,8 @@ splits in two by what each entry names:
 - the view's *own* tensors (the head; LoRA factors, adapters, prompts, SSF scales): written
   once, at load;
 - *shared* tensors (SH-PEFT's selected scalars, BitFit's biases, ...): the task's *switch
-  delta*, written into the base before each batch of the task and reverted after it with
-  :func:`shpeft.delta.apply_delta` / :func:`~shpeft.delta.revert_delta` (bit for bit), O(k) per
-  switch (the engine holds the base's lock meanwhile).
+  delta*, written into the base before each batch of the task and reverted after it, bit for
+  bit, in O(k) (:mod:`shpeft.serve.switch`; the base's worker is the only writer).
 
 So SH-PEFT and the selective methods (bitfit, ln, attn, linear, full) are switch deltas plus a
 head. Adapters and VPT (not mergeable) keep their own small modules. LoRA, SSF and SPT-LoRA are
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 from shpeft.backbones import BackboneConfig, InputSpec, create_model, hash_backbone, make_head
 from shpeft.config import from_dict
 from shpeft.delta import Delta, DeltaError, apply_delta
+from shpeft.serve.switch import FlatTensors, Switch
 from shpeft.training import load_run_config, method_from_config, resolve_device
 
 log = logging.getLogger("shpeft.serve")
@@ -84,6 +84,8 @@ class Base:
     model_name: str
     model: nn.Module | None
     """The shared backbone (``share=True``); None when every task has its own model."""
+    flat: FlatTensors | None = None
+    """The shared backbone's tensors as flat buffers (what switch deltas index)."""
     tasks: list[str] = field(default_factory=list)
 
     def tensor_ids(self) -> set[int]:
@@ -107,7 +109,7 @@ class Task:
     classes: list[str]
     spec: InputSpec
     model: nn.Module
-    switch: Delta | None
+    switch: Switch | None
     """Written into the shared tensors for each batch and reverted after it (None: nothing)."""
     base: Base
     served_as: str
@@ -150,11 +152,16 @@ class Registry:
     """Set while an engine runs the tasks: two would write deltas into one base at once."""
 
     def memory(self) -> dict[str, int]:
-        """Bytes of every distinct tensor held: backbones, task-owned tensors, switch deltas."""
+        """Bytes of the tensors held: backbones, the tasks' own and switch tensors, scratch."""
         backbones = _nbytes(t for b in self.bases if b.model is not None for t in _tensors(b.model))
-        own = sum(t.memory["own"] for t in self.tasks.values())
-        switch = sum(t.memory["switch"] for t in self.tasks.values())
-        return {"backbones": backbones, "tasks": own + switch, "total": backbones + own + switch}
+        tasks = sum(t.memory["own"] + t.memory["switch"] for t in self.tasks.values())
+        scratch = sum(b.flat.scratch_bytes() for b in self.bases if b.flat is not None)
+        return {
+            "backbones": backbones,
+            "tasks": tasks,
+            "scratch": scratch,
+            "total": backbones + tasks + scratch,
+        }
 
 
 def load_registry(runs: Sequence[RunRef], *, device: str = "cpu", share: bool = True) -> Registry:
@@ -212,7 +219,8 @@ class _Bases:
             found = self.config_hash[key] = hash_backbone(model)
             if found == recorded:
                 model.to(self.device).eval().requires_grad_(False)
-                self.by_hash[found] = Base(found[:12], found, cfg.model, model)
+                flat = FlatTensors(model)  # before any view: views alias the same tensors
+                self.by_hash[found] = Base(found[:12], found, cfg.model, model, flat)
         if found != recorded:
             raise DeltaError(
                 f"the delta was trained on base {recorded[:12]}..., but the run's backbone "
@@ -240,14 +248,14 @@ def _load_task(ref: RunRef, bases: _Bases, device: torch.device, share: bool) ->
         shared = base.tensor_ids()
         own, switch = _split(delta, params, shared)
         apply_delta(model, own)  # the task's own tensors, once
-        switch = _to_device(switch, device) if switch.sparse or switch.dense else None
+        switch = Switch(switch, params, base.flat) if switch.sparse or switch.dense else None
         own_names = {n for n, t in params.items() if id(t) not in shared}
         served_as = "switch delta"
         if any(not n.startswith("head.") for n in own_names):
             served_as = "own modules" if switch is None else "own modules + switch delta"
         memory = {
             "own": _nbytes(t for n, t in params.items() if n in own_names),
-            "switch": _nbytes(_delta_tensors(switch)),
+            "switch": _nbytes(switch.tensors()) if switch is not None else 0,
         }
     else:
         model, _ = create_model(cfg, num_classes=len(classes))
@@ -304,24 +312,12 @@ def _split(delta: Delta, params: dict[str, Tensor], shared: set[int]) -> tuple[D
     return own, switch
 
 
-def _to_device(delta: Delta, device: torch.device) -> Delta:
-    delta.sparse = {n: (i.to(device), v.to(device)) for n, (i, v) in delta.sparse.items()}
-    delta.dense = {n: t.to(device) for n, t in delta.dense.items()}
-    return delta
-
-
 def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
     return dict(model.named_parameters()) | dict(model.named_buffers())
 
 
 def _tensors(model: nn.Module) -> Iterable[Tensor]:
     return chain(model.parameters(), model.buffers())
-
-
-def _delta_tensors(delta: Delta | None) -> list[Tensor]:
-    if delta is None:
-        return []
-    return [*chain.from_iterable(delta.sparse.values()), *delta.dense.values()]
 
 
 def _nbytes(tensors: Iterable[Tensor]) -> int:
