@@ -88,6 +88,34 @@ def test_interleaved_requests_match_load_run_and_leave_the_base_intact(registry,
     assert hash_backbone(base.model) == base.hash
 
 
+def test_same_task_requests_that_arrive_together_run_as_one_batch(
+    registry, references, monkeypatch
+):
+    busy, task = registry.tasks["breast-lora"], registry.tasks["breast"]
+    release = threading.Event()
+    forward = busy.model.forward
+
+    def slow(x):  # holds the worker while the other requests queue up
+        release.wait(timeout=60)
+        return forward(x)
+
+    monkeypatch.setattr(busy.model, "forward", slow)
+    xs = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    engine = Engine(registry, max_batch=32)
+    try:
+        first = engine.predict(busy, xs[0])
+        futures = [engine.predict(task, x) for x in xs]
+        release.set()
+        first.result(timeout=60)
+        got = torch.stack([f.result(timeout=60) for f in futures])
+        stats = engine.stats()[0]
+    finally:
+        engine.close()
+    assert (stats["batches"], stats["images"], stats["switches"]) == (2, 9, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(got, references["breast"](xs), atol=1e-5, rtol=0)
+
+
 def test_a_failing_batch_restores_the_base_and_fails_alone(registry, references, monkeypatch):
     base = registry.bases[0]
     bad, good = registry.tasks["breast"], registry.tasks["breast-bitfit"]

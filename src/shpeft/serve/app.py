@@ -228,10 +228,9 @@ def create_app(registry: Registry, settings: ServeSettings | None = None) -> Fas
 
     async def run(future_of: Callable[[], Any]) -> Any:
         try:
-            future = future_of()
-        except EngineClosed as e:
+            return await asyncio.wrap_future(future_of())
+        except EngineClosed as e:  # shutting down, or a base that could not be restored
             raise RequestError(503, str(e)) from e
-        return await asyncio.wrap_future(future)
 
     async def predictions(
         tasks: list[Task], inputs: dict[Any, torch.Tensor], heatmap: bool
