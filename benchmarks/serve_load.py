@@ -423,6 +423,7 @@ def main(argv=None) -> dict:
         ]
         result["load_single"] = load(*single[:2], plan, refs, uploads, args.clients,
                                      args.max_seconds)  # fmt: skip
+        result["load_single"]["engine"] = get_json(*single[:2], "/health")["bases"]
         print("batch of one: three ways, interleaved", flush=True)
         result["batch1"] = batch_of_one(shared, single, switching, refs, uploads, args.batch1)
     result["switch_cost"] = switch_cost(runs, args)
@@ -517,7 +518,8 @@ def summary(r: dict, runs: dict[str, Path]) -> str:
         f"{l1['throughput_rps']:.1f} req/s | {l1['p50_ms']:.1f} ms | {l1['p99_ms']:.1f} ms |",
         "",
         f"Shared server: {engine['batches']} batches for {engine['images']} images (mean batch "
-        f"{engine['mean_batch']:.2f}), {engine['switches']} backbone switches.",
+        f"{engine['mean_batch']:.2f}), {engine['switches']} backbone switches; single-task "
+        f"server: mean batch {l1['engine'][0]['mean_batch']:.2f} (counts include the warm-up).",
         "",
         f"Batch of one, {b1['rounds']} requests to each, interleaved in random order: p50 "
         f"{b1['p50_ms']['shared_switching']:.2f} ms on the shared server when every request "

@@ -102,7 +102,7 @@ class TaskInfo(BaseModel):
     method: str
     served_as: str = Field(
         description="switch delta (written into the shared backbone per batch), own modules "
-        "(adapters, prompts, LoRA/SSF factors over the shared weights), or both"
+        "(adapters, prompts, LoRA/SSF factors over the shared weights), both, or head only"
     )
     mergeable: bool
     trainable_pct: float | None = Field(description="trained share of the backbone, in %")

@@ -17,8 +17,8 @@ splits in two by what each entry names:
   delta*, written into the base before each batch of the task and reverted after it, bit for
   bit, in O(k) (:mod:`shpeft.serve.switch`; the base's worker is the only writer).
 
-So SH-PEFT and the selective methods (bitfit, ln, attn, linear, full) are switch deltas plus a
-head. Adapters and VPT (not mergeable) keep their own small modules. LoRA, SSF and SPT-LoRA are
+So SH-PEFT and the selective methods (bitfit, ln, attn, full) are switch deltas plus a head
+(the linear probe is its head alone). Adapters and VPT (not mergeable) keep their own small modules. LoRA, SSF and SPT-LoRA are
 mergeable but served unmerged, as their own small modules over the shared weights: their merged
 update is dense (SSF rescales every weight), so merging at each switch would rewrite whole
 matrices, and merging once would cost a backbone per task. Unmerged is also exactly what
@@ -250,9 +250,13 @@ def _load_task(ref: RunRef, bases: _Bases, device: torch.device, share: bool) ->
         apply_delta(model, own)  # the task's own tensors, once
         switch = Switch(switch, params, base.flat) if switch.sparse or switch.dense else None
         own_names = {n for n, t in params.items() if id(t) not in shared}
-        served_as = "switch delta"
-        if any(not n.startswith("head.") for n in own_names):
-            served_as = "own modules" if switch is None else "own modules + switch delta"
+        modules = any(not n.startswith("head.") for n in own_names)
+        served_as = {
+            (False, False): "head only",
+            (False, True): "switch delta",
+            (True, False): "own modules",
+            (True, True): "own modules + switch delta",
+        }[modules, switch is not None]
         memory = {
             "own": _nbytes(t for n, t in params.items() if n in own_names),
             "switch": _nbytes(switch.tensors()) if switch is not None else 0,
