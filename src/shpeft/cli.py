@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from shpeft.analysis import add_subcommands
 
     add_subcommands(sub, COMMANDS)  # bench, analyze {sparsity,hybridity,locations}
+    from shpeft.serve.cli import add_serve_parser
+
+    add_serve_parser(sub, COMMANDS)  # serve
 
     p = sub.add_parser("eval", help="evaluate a run on a labelled dataset")
     p.add_argument("--run", required=True, help="run directory written by `shpeft train`")

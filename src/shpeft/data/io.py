@@ -28,6 +28,7 @@ decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is kept at its default
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "is_image_file",
     "is_mask_file",
     "read_image",
+    "read_image_bytes",
 ]
 
 
@@ -98,6 +100,41 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     if path.suffix.lower() in DICOM_EXTENSIONS:
         return _read_dicom(path)
     return _read_pil(path)
+
+
+def read_image_bytes(data: bytes, name: str = "upload", *, dicom: bool | None = None) -> np.ndarray:
+    """Decode an image held in memory exactly as :func:`read_image` decodes a file.
+
+    For servers, which must not write uploads to disk: the same Pillow and DICOM code paths and
+    conversion rules run on an in-memory buffer.
+
+    Args:
+        data: The file's bytes.
+        name: Used in error messages in place of a path (e.g. the upload's file name).
+        dicom: Read as DICOM; default: when ``name`` has a DICOM extension or ``data`` carries
+            the ``DICM`` preamble marker.
+
+    Returns:
+        Array of shape ``(H, W, 3)``, dtype ``uint8``, C-contiguous.
+
+    Raises:
+        DataError: As :func:`read_image`; the message names ``name``.
+    """
+    if dicom is None:
+        dicom = Path(name).suffix.lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM"
+    source = _NamedBuffer(data, name)
+    return _read_dicom(source) if dicom else _read_pil(source)  # type: ignore[arg-type]
+
+
+class _NamedBuffer(io.BytesIO):
+    """An in-memory file whose ``str()`` is a name, so read errors name it as they name paths."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self._label = name
+
+    def __str__(self) -> str:
+        return self._label
 
 
 # --------------------------------------------------------------------------------------------
