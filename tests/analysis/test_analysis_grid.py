@@ -131,6 +131,10 @@ def test_lr_is_chosen_on_validation_never_test():
     assert G.select_lr(cands) == 0.01
     assert G.select_lr([(0.1, fake_result(None, 0.99)), (0.3, None)]) is None
     assert G.select_lr([(0.1, fake_result(0.7, 0)), (0.3, fake_result(0.7, 1))]) == 0.1  # tie
+    # a tie on the best F1 (e.g. the same warm start) goes to the lr that trained better
+    tied = [(0.1, fake_result(0.7, 0), 0.5), (0.3, fake_result(0.7, 1), 0.6), (1.0, None, 0.9)]
+    assert G.select_lr(tied) == 0.3
+    assert G.select_lr([(0.1, fake_result(0.7, 0), None), (0.3, fake_result(0.7, 1), 0.6)]) == 0.3
 
 
 def test_lr_choices_from_run_folders(tmp_path):
@@ -232,3 +236,15 @@ def test_shipped_configs_parse():
     assert p.protocol == "paper" and len(p.datasets) == 6 and p.shared_lr == 1e-3
     abl = G.load_grid(root / "cpu_ablations.json")
     assert {abl.lr_source(v.name) for v in abl.methods} == {"shpeft"}
+
+
+def test_validation_curve_mean_reads_the_run_log(tmp_path):
+    rows = [
+        {"iteration": 0, "val": {"macro_f1": 0.9}},  # the warm start does not count
+        {"iteration": 10, "loss": 1.0},
+        {"iteration": 20, "val": {"macro_f1": 0.5}},
+        {"iteration": 40, "val": {"macro_f1": 0.7}},
+    ]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert G.validation_curve_mean(tmp_path) == pytest.approx(0.6)
+    assert G.validation_curve_mean(tmp_path / "missing") is None

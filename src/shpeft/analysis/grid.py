@@ -429,7 +429,8 @@ def searched_lrs(grid: GridConfig, out: Path | None, dataset: str, name: str) ->
         results = [read_result(out, sp) for sp in specs]
         if any(r is None and not _failed(out, sp) for r, sp in zip(results, specs, strict=True)):
             break  # still running: decide once all are in
-        best = select_lr(list(zip(lrs, results, strict=True)))
+        ties = [validation_curve_mean(sp.run_dir(out)) for sp in specs]
+        best = select_lr(list(zip(lrs, results, ties, strict=True)))
         if best is None or (best != lrs[0] and best != lrs[-1]):
             break
         if best == lrs[-1]:
@@ -533,17 +534,39 @@ def validation_f1(result: dict[str, Any] | None) -> float | None:
     return float(f1) if f1 is not None and math.isfinite(float(f1)) else None
 
 
-def select_lr(candidates: Sequence[tuple[float, dict[str, Any] | None]]) -> float | None:
-    """The lr whose run has the best **validation** macro F1; ties go to the earlier candidate.
+def validation_curve_mean(run_dir: Path) -> float | None:
+    """Mean validation macro F1 over a run's evaluations after iteration 0 (its
+    ``train_log.jsonl``): how well an lr trained throughout, not only at its best point."""
+    path = Path(run_dir) / "train_log.jsonl"
+    if not path.is_file():
+        return None
+    f1s = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("iteration", 0) > 0 and "val" in row:
+            f1s.append(float(row["val"]["macro_f1"]))
+    return sum(f1s) / len(f1s) if f1s else None
 
-    Only ``result["metrics"]["val"]`` is read: the test metrics of search runs never influence
-    the choice. Failed runs (None, or no validation metrics) are never chosen.
+
+def select_lr(candidates: Sequence[tuple]) -> float | None:
+    """The lr whose run has the best **validation** macro F1.
+
+    ``candidates`` are ``(lr, result)`` or ``(lr, result, tiebreak)``. Ties on the best F1
+    (common when the best state of several lrs is the same warm-started head at iteration 0)
+    go to the larger ``tiebreak`` (the mean validation F1 over the run,
+    :func:`validation_curve_mean`), then to the earlier candidate. Only validation metrics are
+    read: the test metrics of search runs never influence the choice. Failed runs (None, or no
+    validation metrics) are never chosen.
     """
-    best_lr, best = None, -math.inf
-    for lr, result in candidates:
+    best_lr, best = None, (-math.inf, -math.inf)
+    for lr, result, *rest in candidates:
         f1 = validation_f1(result)
-        if f1 is not None and f1 > best:
-            best_lr, best = lr, f1
+        tie = rest[0] if rest and rest[0] is not None else -math.inf
+        if f1 is not None and (f1, tie) > best:
+            best_lr, best = lr, (f1, tie)
     return best_lr
 
 
@@ -570,7 +593,12 @@ def lr_choices(grid: GridConfig, out: Path) -> dict[tuple[str, str], dict[str, A
         if result is None and not _failed(out, spec):
             entry["complete"] = False
         entry["candidates"].append(
-            {"lr": spec.lr, "val_macro_f1": validation_f1(result), "run_id": spec.run_id}
+            {
+                "lr": spec.lr,
+                "val_macro_f1": validation_f1(result),
+                "val_curve_mean": validation_curve_mean(spec.run_dir(out)) if result else None,
+                "run_id": spec.run_id,
+            }
         )
     for (ds, name), entry in table.items():
         # an extension that is due but not yet planned (the grid's own lrs just finished)
@@ -578,7 +606,10 @@ def lr_choices(grid: GridConfig, out: Path) -> dict[tuple[str, str], dict[str, A
         if n > len(entry["candidates"]):
             entry["complete"] = False
         if entry["complete"]:
-            cands = [(c["lr"], _result_or_none(out, c["run_id"])) for c in entry["candidates"]]
+            cands = [
+                (c["lr"], _result_or_none(out, c["run_id"]), c["val_curve_mean"])
+                for c in entry["candidates"]
+            ]
             entry["chosen"] = select_lr(cands)
     return table
 
