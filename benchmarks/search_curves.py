@@ -48,7 +48,7 @@ def plot(curves, dataset: str, path: Path, highlight: tuple[str, ...] = ()) -> N
     for name, (lr, pts) in sorted(curves.items()):
         if not pts:
             continue
-        xs, ys = zip(*pts)
+        xs, ys = zip(*pts, strict=True)
         bold = any(name.startswith(h) for h in highlight)
         ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, lw=2.4 if bold else 1.1,
                 label=f"{name} (lr {lr:g})")  # fmt: skip

@@ -209,6 +209,36 @@ def test_runs_held_elsewhere_are_waited_for(monkeypatch):
     assert [s["status"] for s in out] == ["ran", "done"]
 
 
+def test_datasets_run_one_after_the_other_search_then_finals(tmp_path, monkeypatch):
+    raw = raw_config()
+    for ds in ("a", "b"):
+        (tmp_path / ds).mkdir()
+        raw["datasets"][ds]["data"] = str(tmp_path / ds)
+    g = G.parse_grid(raw)
+    order, summaries = [], []
+
+    def fake(job):  # every run "finishes" with a validation F1 that favours lr 0.1
+        spec = G.RunSpec(**job["spec"])
+        order.append((spec.dataset, "search" if not job["train"]["eval_test"] else "later"))
+        write_result(Path(job["out"]), spec, fake_result(spec.lr, 0.5))
+        return {"run_id": spec.run_id, "status": "ran"}
+
+    monkeypatch.setattr(G, "run_job", fake)
+    out = tmp_path / "out"
+    G.run_grid(g, out, workers=1, poll_s=0, after_dataset=summaries.append)
+    datasets = [ds for ds, _ in order]
+    assert datasets == sorted(datasets, key=["a", "b"].index)  # all of a, then all of b
+    for ds in ("a", "b"):
+        stages = [st for d, st in order if d == ds]
+        assert stages == sorted(stages, key=["search", "later"].index) and "later" in stages
+    assert summaries == ["a", "b"]
+    order.clear()
+    G.run_grid(g, out, workers=1, poll_s=0, datasets=["b"])
+    assert order and {ds for ds, _ in order} == {"b"}  # only b was asked for
+    with pytest.raises(ValueError, match="unknown dataset"):
+        G.run_grid(g, out, datasets=["c"])
+
+
 def test_unknown_keys_and_missing_data_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown key"):
         G.parse_grid(raw_config(train={"iterations": 5, "batchsize": 4}))

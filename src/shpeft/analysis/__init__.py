@@ -87,6 +87,12 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
         default="search,final,shared,budgets",
         help="comma-separated stages to run (default: all: search,final,shared,budgets)",
     )
+    p.add_argument(
+        "--datasets",
+        default=None,
+        help="comma-separated datasets of the config to run, in this order (default: all, in "
+        "the config's order; each dataset's search, finals and budgets finish before the next)",
+    )
     p.add_argument("--summary-only", action="store_true", help="only write the tables")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
     p.add_argument(
@@ -179,9 +185,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown stage(s) {sorted(bad)}; choose from {', '.join(STAGES)}")
     if args.workers < 1 or args.threads < 1:
         raise ValueError("--workers and --threads must be >= 1")
+    datasets = [d.strip() for d in (args.datasets or "").split(",") if d.strip()] or None
     if args.dry_run:
         plan = planned_specs(grid, out)
-        total = unique(s for st in stages for s in plan[st])
+        total = [
+            s
+            for s in unique(s for st in stages for s in plan[st])
+            if datasets is None or s.dataset in datasets
+        ]
         for st in stages:
             print(f"{st}: {len(plan[st])} runs")
         if grid.lr_search and "final" in stages and not plan["final"]:
@@ -200,6 +211,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=args.device,
             stages=stages,
             poll_s=args.poll,
+            datasets=datasets,
+            # the tables so far, whenever a dataset is done: a stopped grid still has them
+            after_dataset=lambda ds: write_summary(grid, out),
         )
         print(json.dumps(status["statuses"]), file=sys.stderr)
     summary = write_summary(grid, out)

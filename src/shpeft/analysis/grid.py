@@ -933,13 +933,27 @@ def run_grid(
     device: str = "auto",
     stages: Sequence[str] = STAGES,
     poll_s: float = 10.0,
+    datasets: Sequence[str] | None = None,
+    after_dataset: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the grid's stages in order (finished runs are skipped) and return a status summary."""
+    """Run the grid dataset by dataset, each through its stages in order (finished runs are
+    skipped), and return a status summary.
+
+    ``datasets`` limits and orders the datasets (default: the config's order);
+    ``after_dataset(name)`` is called when a dataset's runs are done (e.g. to write the summary).
+    """
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    unknown = set(datasets or ()) - set(grid.datasets)
+    if unknown:
+        raise ValueError(
+            f"unknown dataset(s) {sorted(unknown)}; the grid has {', '.join(grid.datasets)}"
+        )
     missing = [
-        f"{ds}: {d['data']}" for ds, d in grid.datasets.items() if not Path(d["data"]).exists()
+        f"{ds}: {d['data']}"
+        for ds, d in grid.datasets.items()
+        if ds in (datasets or grid.datasets) and not Path(d["data"]).exists()
     ]
     if missing:  # e.g. paper_grid.json's placeholders: say so before any run fails on them
         raise FileNotFoundError(
@@ -962,26 +976,36 @@ def run_grid(
         ]
         run_jobs(jobs, workers=workers, poll_s=poll_s, on_status=note)
 
-    if "search" in stages and grid.lr_search is not None:
-        # repeat while finished runs add edge extensions (lr_search.extend)
-        done_ids: set[str] = set()
-        while True:
-            specs = [sp for sp in search_specs(grid, out) if sp.run_id not in done_ids]
-            if not specs:
-                break
-            execute(specs, eval_test=False)
-            done_ids |= {sp.run_id for sp in specs}
-    if grid.lr_search is not None:
-        write_lr_choices(grid, out)
+    # Dataset by dataset (search, then finals and budgets): an interrupted grid has whole
+    # Table-1 columns instead of every dataset's search and no test metrics.
+    for ds in datasets or grid.datasets:
+        if "search" in stages and grid.lr_search is not None:
+            # repeat while finished runs add edge extensions (lr_search.extend)
+            done_ids: set[str] = set()
+            while True:
+                specs = [
+                    sp
+                    for sp in search_specs(grid, out)
+                    if sp.dataset == ds and sp.run_id not in done_ids
+                ]
+                if not specs:
+                    break
+                execute(specs, eval_test=False)
+                done_ids |= {sp.run_id for sp in specs}
+        if grid.lr_search is not None:
+            write_lr_choices(grid, out)
+        choices = chosen_lrs(grid, out)
+        later: list[RunSpec] = []
+        if "final" in stages:
+            later += final_specs(grid, choices)
+        if "shared" in stages:
+            later += shared_specs(grid)
+        if "budgets" in stages:
+            later += budget_specs(grid, choices)
+        execute([sp for sp in later if sp.dataset == ds])
+        if after_dataset is not None:
+            after_dataset(ds)
     choices = chosen_lrs(grid, out)
-    later: list[RunSpec] = []
-    if "final" in stages:
-        later += final_specs(grid, choices)
-    if "shared" in stages:
-        later += shared_specs(grid)
-    if "budgets" in stages:
-        later += budget_specs(grid, choices)
-    execute(later)
     return {
         "out": str(out),
         "statuses": counts,
