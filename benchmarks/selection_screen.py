@@ -88,7 +88,9 @@ def screen_markdown(rows: list[dict[str, Any]], dataset: str) -> str:
         cands = ", ".join(f"{lr:g}: {_pct(f)}" for lr, f in sorted(r["candidates"].items()))
         status = "" if r["complete"] else " (search running)"
         if "best_val_f1" not in r:
-            lines.append(f"| {r['variant']} | {r['options']} | {cands or '-'}{status} | - | - | - | - |")
+            lines.append(
+                f"| {r['variant']} | {r['options']} | {cands or '-'}{status} | - | - | - | - |"
+            )
             continue
         gain = None if r["warm_start_f1"] is None else r["best_val_f1"] - r["warm_start_f1"]
         lines.append(
@@ -127,7 +129,9 @@ def write_screen(rows: list[dict[str, Any]], dataset: str, dest: Path) -> Path:
         w.writerow(["variant", "options", "lr", "val_macro_f1", "best_for_variant", "complete"])
         for r in rows:
             for lr, f1 in sorted(r["candidates"].items()):
-                w.writerow([r["variant"], r["options"], lr, f1, lr == r.get("best_lr"), r["complete"]])
+                w.writerow(
+                    [r["variant"], r["options"], lr, f1, lr == r.get("best_lr"), r["complete"]]
+                )
     return md
 
 

@@ -268,6 +268,24 @@ def test_shipped_configs_parse():
     assert {abl.lr_source(v.name) for v in abl.methods} == {"shpeft"}
 
 
+def test_configs_sharing_an_output_folder_agree_on_every_run_id():
+    """A run id names (dataset, variant, budget, lr, iterations, seed), not the settings behind
+    them: configs that share an output folder (the DINOv2 grid, its screen and ablations) must
+    mean the same thing by a shared name, or one would silently reuse the other's runs."""
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+    seen: dict[tuple[str, str], tuple[str, object]] = {}
+    for path in sorted(root.glob("*.json")):
+        g = G.load_grid(path)
+        out = str(G.default_out(g))
+        facts = {"train": g.train, "backbone": g.backbone, **{
+            f"dataset {k}": v for k, v in g.datasets.items()
+        }}  # fmt: skip
+        facts |= {f"variant {v.name}": (v.method, v.config) for v in g.methods}
+        for key, value in facts.items():
+            first = seen.setdefault((out, key), (path.name, value))
+            assert first[1] == value, f"{path.name} and {first[0]} differ on {key} in {out}"
+
+
 def test_validation_curve_mean_reads_the_run_log(tmp_path):
     rows = [
         {"iteration": 0, "val": {"macro_f1": 0.9}},  # the warm start does not count
