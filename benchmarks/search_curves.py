@@ -16,7 +16,7 @@ import csv
 import json
 from pathlib import Path
 
-from shpeft.analysis.grid import default_out, load_grid, lr_choices
+from shpeft.analysis.grid import best_candidate, default_out, load_grid, lr_choices
 
 
 def val_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -31,9 +31,8 @@ def best_curves(grid, out: Path, dataset: str) -> dict[str, tuple[float, list[tu
     """Per method: (lr, curve) of its best finished search run on ``dataset``."""
     curves = {}
     for (ds, name), entry in lr_choices(grid, out).items():
-        done = [c for c in entry["candidates"] if ds == dataset and c["val_macro_f1"] is not None]
-        if done:
-            best = max(done, key=lambda c: (c["val_macro_f1"], c["val_curve_mean"] or -1))
+        best = best_candidate(entry) if ds == dataset else None
+        if best is not None:
             curves[name] = (best["lr"], val_curve(out / "runs" / best["run_id"]))
     return curves
 

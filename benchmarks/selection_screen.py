@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shpeft.analysis.grid import default_out, load_grid, lr_choices
+from shpeft.analysis.grid import best_candidate, default_out, load_grid, lr_choices
 
 KINDS = (
     "patch_embed", "pos_embed", "cls_token", "norm", "layerscale", "bias",
@@ -48,15 +48,14 @@ def screen_rows(grid, out: Path, dataset: str) -> list[dict[str, Any]]:
     rows = []
     for variant in grid.methods:
         entry = choices.get((dataset, variant.name), {"candidates": [], "complete": False})
-        done = [c for c in entry["candidates"] if c["val_macro_f1"] is not None]
+        best = best_candidate(entry)
         row: dict[str, Any] = {
             "variant": variant.name,
             "options": _options(variant, base),
-            "complete": bool(entry.get("complete")) and bool(done),
+            "complete": bool(entry.get("complete")) and best is not None,
             "candidates": {c["lr"]: c["val_macro_f1"] for c in entry["candidates"]},
         }
-        if done:
-            best = max(done, key=lambda c: (c["val_macro_f1"], c["val_curve_mean"] or -1))
+        if best is not None:
             run = out / "runs" / best["run_id"]
             result = _json(run / "result.json") or {}
             warm = (_json(run / "head_init.json") or {}).get("val_macro_f1")

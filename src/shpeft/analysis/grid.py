@@ -614,6 +614,15 @@ def lr_choices(grid: GridConfig, out: Path) -> dict[tuple[str, str], dict[str, A
     return table
 
 
+def best_candidate(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The best finished candidate of one :func:`lr_choices` entry so far, by the search's own
+    rule (validation macro F1, ties to the better mean over the run); None when none finished."""
+    done = [c for c in entry["candidates"] if c["val_macro_f1"] is not None]
+    return max(
+        done, key=lambda c: (c["val_macro_f1"], c["val_curve_mean"] or -math.inf), default=None
+    )
+
+
 def _result_or_none(out: Path, run_id: str) -> dict[str, Any] | None:
     path = Path(out) / "runs" / run_id / "result.json"
     return json.loads(path.read_text()) if path.is_file() else None
