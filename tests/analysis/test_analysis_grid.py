@@ -209,7 +209,7 @@ def test_runs_held_elsewhere_are_waited_for(monkeypatch):
     assert [s["status"] for s in out] == ["ran", "done"]
 
 
-def test_datasets_run_one_after_the_other_search_then_finals(tmp_path, monkeypatch):
+def test_datasets_run_one_after_the_other_search_then_finals(tmp_path, monkeypatch, caplog):
     raw = raw_config()
     for ds in ("a", "b"):
         (tmp_path / ds).mkdir()
@@ -225,7 +225,11 @@ def test_datasets_run_one_after_the_other_search_then_finals(tmp_path, monkeypat
 
     monkeypatch.setattr(G, "run_job", fake)
     out = tmp_path / "out"
-    G.run_grid(g, out, workers=1, poll_s=0, after_dataset=summaries.append)
+    with caplog.at_level("INFO", logger="shpeft"):
+        G.run_grid(g, out, workers=1, poll_s=0, after_dataset=summaries.append)
+    n = sum(1 for ds, st in order if ds == "a" and st == "search")
+    assert f"a lr search: {n} run(s) to do" in caplog.text  # progress: counts and time to go
+    assert f"[a lr search 1/{n}, about " in caplog.text and f"[a lr search {n}/{n}]" in caplog.text
     datasets = [ds for ds, _ in order]
     assert datasets == sorted(datasets, key=["a", "b"].index)  # all of a, then all of b
     for ds in ("a", "b"):

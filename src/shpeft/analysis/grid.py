@@ -973,16 +973,27 @@ def run_grid(
     write_json(out / f"grid_{grid.name}.json", {**grid.raw, "protocol": grid.protocol})
     counts: dict[str, int] = {}
 
-    def note(st: dict[str, Any]) -> None:
-        counts[st["status"]] = counts.get(st["status"], 0) + 1
-        if st["status"] != "done":
-            log.info("%-9s %s", st["status"], st["run_id"])
-
-    def execute(specs: list[RunSpec], eval_test: bool = True) -> None:
+    def execute(specs: list[RunSpec], what: str, eval_test: bool = True) -> None:
         jobs = [
             job_payload(grid, s, out, threads=threads, device=device, eval_test=eval_test)
             for s in unique(specs)
         ]
+        todo = sum(not _finished(j) for j in jobs)
+        if todo:
+            log.info("%s: %d run(s) to do (%d finished before)", what, todo, len(jobs) - todo)
+        started, ended = time.monotonic(), 0
+
+        def note(st: dict[str, Any]) -> None:
+            nonlocal ended
+            counts[st["status"]] = counts.get(st["status"], 0) + 1
+            if st["status"] in ("done", "busy"):
+                return
+            ended += 1
+            left = max(todo - ended, 0)
+            pace = (time.monotonic() - started) / ended  # wall s per run, all workers together
+            eta = f", about {left * pace / 60:.0f} min to go at this pace" if left else ""
+            log.info("%-9s %s [%s %d/%d%s]", st["status"], st["run_id"], what, ended, todo, eta)
+
         run_jobs(jobs, workers=workers, poll_s=poll_s, on_status=note)
 
     # Dataset by dataset (search, then finals and budgets): an interrupted grid has whole
@@ -999,7 +1010,7 @@ def run_grid(
                 ]
                 if not specs:
                     break
-                execute(specs, eval_test=False)
+                execute(specs, f"{ds} lr search", eval_test=False)
                 done_ids |= {sp.run_id for sp in specs}
         if grid.lr_search is not None:
             write_lr_choices(grid, out)
@@ -1011,7 +1022,7 @@ def run_grid(
             later += shared_specs(grid)
         if "budgets" in stages:
             later += budget_specs(grid, choices)
-        execute([sp for sp in later if sp.dataset == ds])
+        execute([sp for sp in later if sp.dataset == ds], f"{ds} finals and budgets")
         if after_dataset is not None:
             after_dataset(ds)
     choices = chosen_lrs(grid, out)
