@@ -489,7 +489,8 @@ def cost_markdown(
         "",
         "Means over the finished runs of every dataset and seed. CPU s: the run's process CPU "
         "time (what it costs on an idle core; includes importance estimation, validation and "
-        "test). Peak RSS: the run's own process (a fresh process per run).",
+        "test). Peak RSS: the run's own process, for runs trained in a fresh process (`--workers` > 1); "
+        "runs trained one after another in one process (`--workers 1`) share its peak and are left out.",
         "",
         "| method | runs | trainable backbone scalars | % | delta KB | CPU s | wall s "
         "| peak RSS MB |",
@@ -506,7 +507,8 @@ def cost_markdown(
             "kb": mean([(r.get("delta_bytes") or 0) / 1024 for r in rs]),
             "cpu": mean([r.get("cpu_s") for r in rs]),
             "wall": mean([r.get("wall_s") for r in rs]),
-            "rss": mean([r.get("peak_rss_mb") for r in rs]),
+            # a sequential grid's runs share one process, whose peak covers all of them
+            "rss": mean([r.get("peak_rss_mb") for r in rs if r.get("peak_rss_scope") == "run"]),
         }
         fmt = {"n": "{:,.0f}", "pct": "{:.3g}", "kb": "{:.1f}", "cpu": "{:.1f}", "wall": "{:.1f}",
                "rss": "{:.0f}"}  # fmt: skip
