@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -227,9 +228,10 @@ def test_datasets_run_one_after_the_other_search_then_finals(tmp_path, monkeypat
     out = tmp_path / "out"
     with caplog.at_level("INFO", logger="shpeft"):
         G.run_grid(g, out, workers=1, poll_s=0, after_dataset=summaries.append)
-    n = sum(1 for ds, st in order if ds == "a" and st == "search")
-    assert f"a lr search: {n} run(s) to do" in caplog.text  # progress: counts and time to go
-    assert f"[a lr search 1/{n}, about " in caplog.text and f"[a lr search {n}/{n}]" in caplog.text
+    # progress: what a round has to do, then every finished run's count and the time to go
+    n = int(re.search(r"a round 1: (\d+) run\(s\) to do", caplog.text).group(1))
+    assert n > sum(1 for ds, st in order if ds == "a" and st == "search")  # + shared-lr runs
+    assert f"[a round 1 1/{n}, about " in caplog.text and f"[a round 1 {n}/{n}]" in caplog.text
     datasets = [ds for ds, _ in order]
     assert datasets == sorted(datasets, key=["a", "b"].index)  # all of a, then all of b
     for ds in ("a", "b"):
@@ -241,6 +243,37 @@ def test_datasets_run_one_after_the_other_search_then_finals(tmp_path, monkeypat
     assert order and {ds for ds, _ in order} == {"b"}  # only b was asked for
     with pytest.raises(ValueError, match="unknown dataset"):
         G.run_grid(g, out, datasets=["c"])
+
+
+def test_settled_methods_run_their_finals_while_others_still_search(tmp_path, monkeypatch, caplog):
+    (tmp_path / "a").mkdir()
+    raw = raw_config(
+        datasets={"a": {"data": str(tmp_path / "a")}},
+        lr_search={"lrs": [0.01, 0.03, 0.1], "iterations": 10, "seed": 0, "extend": 1},
+        shared_lr=None,
+        budgets={},
+    )
+    g = G.parse_grid(raw)
+
+    calls = []
+
+    def fake(job):  # full keeps improving with the lr (an edge extension is due); the rest peak
+        spec = G.RunSpec(**job["spec"])
+        calls.append((spec.run_id, job["train"]["eval_test"]))
+        f1 = spec.lr if spec.variant == "full" else 1 - abs(spec.lr - 0.03)
+        write_result(Path(job["out"]), spec, fake_result(f1, 0.5))
+        return {"run_id": spec.run_id, "status": "ran"}
+
+    monkeypatch.setattr(G, "run_job", fake)
+    with caplog.at_level("INFO", logger="shpeft"):
+        G.run_grid(g, tmp_path / "out", workers=1, poll_s=0)
+    round2 = [line for line in caplog.text.splitlines() if "[a round 2 " in line]
+    assert any("a/full/lr0.333-" in line for line in round2)  # full's extension search ...
+    assert any("a/shpeft@0.02/lr0.03-it10-s1" in line for line in round2)  # ... beside finals
+    # seed 0's final is the search run at the chosen lr, given its test metrics after the search
+    assert calls.count(("a/shpeft@0.02/lr0.03-it10-s0", True)) == 1
+    assert calls.count(("a/shpeft@0.02/lr0.03-it10-s0", False)) == 1
+    assert ("a/full/lr0.333-it10-s0", True) in calls and ("a/full/lr0.333-it10-s2", True) in calls
 
 
 def test_unknown_keys_and_missing_data_are_refused(tmp_path):

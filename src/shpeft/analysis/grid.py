@@ -973,10 +973,11 @@ def run_grid(
     write_json(out / f"grid_{grid.name}.json", {**grid.raw, "protocol": grid.protocol})
     counts: dict[str, int] = {}
 
-    def execute(specs: list[RunSpec], what: str, eval_test: bool = True) -> None:
+    def execute(work: list[tuple[RunSpec, bool]], what: str) -> None:
+        """Run (spec, eval_test) pairs; eval_test=False for the lr search (no test split)."""
         jobs = [
-            job_payload(grid, s, out, threads=threads, device=device, eval_test=eval_test)
-            for s in unique(specs)
+            job_payload(grid, spec, out, threads=threads, device=device, eval_test=eval_test)
+            for spec, eval_test in work
         ]
         todo = sum(not _finished(j) for j in jobs)
         if todo:
@@ -996,33 +997,45 @@ def run_grid(
 
         run_jobs(jobs, workers=workers, poll_s=poll_s, on_status=note)
 
-    # Dataset by dataset (search, then finals and budgets): an interrupted grid has whole
-    # Table-1 columns instead of every dataset's search and no test metrics.
+    # Dataset by dataset: an interrupted grid has whole Table-1 columns instead of every
+    # dataset's search and no test metrics. Within a dataset, rounds repeat while finished runs
+    # plan new ones (edge extensions of the lr search; finals and budget runs of a method once
+    # its lr is chosen), so the finals of settled methods fill the workers while other methods'
+    # extensions run, and the search runs of a round go first.
     for ds in datasets or grid.datasets:
-        if "search" in stages and grid.lr_search is not None:
-            # repeat while finished runs add edge extensions (lr_search.extend)
-            done_ids: set[str] = set()
-            while True:
-                specs = [
-                    sp
-                    for sp in search_specs(grid, out)
-                    if sp.dataset == ds and sp.run_id not in done_ids
+        ran: set[tuple[str, bool]] = set()
+        rounds = 0
+        while True:
+            work: list[tuple[RunSpec, bool]] = []
+            if "search" in stages and grid.lr_search is not None:
+                work += [
+                    (sp, False)
+                    for sp in unique(search_specs(grid, out))
+                    if sp.dataset == ds and (sp.run_id, False) not in ran
                 ]
-                if not specs:
-                    break
-                execute(specs, f"{ds} lr search", eval_test=False)
-                done_ids |= {sp.run_id for sp in specs}
-        if grid.lr_search is not None:
-            write_lr_choices(grid, out)
-        choices = chosen_lrs(grid, out)
-        later: list[RunSpec] = []
-        if "final" in stages:
-            later += final_specs(grid, choices)
-        if "shared" in stages:
-            later += shared_specs(grid)
-        if "budgets" in stages:
-            later += budget_specs(grid, choices)
-        execute([sp for sp in later if sp.dataset == ds], f"{ds} finals and budgets")
+            if grid.lr_search is not None:
+                write_lr_choices(grid, out)
+            choices = chosen_lrs(grid, out)  # only methods whose search is complete
+            later: list[RunSpec] = []
+            if "final" in stages:
+                later += final_specs(grid, choices)
+            if "shared" in stages:
+                later += shared_specs(grid)
+            if "budgets" in stages:
+                later += budget_specs(grid, choices)
+            searching = {sp.run_id for sp, _ in work}
+            # a seed-0 final that reuses a search run of this round gets its test next round
+            work += [
+                (sp, True)
+                for sp in unique(later)
+                if sp.dataset == ds and sp.run_id not in searching
+            ]
+            work = [(sp, ev) for sp, ev in work if (sp.run_id, ev) not in ran]
+            if not work:
+                break
+            rounds += 1
+            execute(work, f"{ds} round {rounds}")
+            ran |= {(sp.run_id, ev) for sp, ev in work}
         if after_dataset is not None:
             after_dataset(ds)
     choices = chosen_lrs(grid, out)
