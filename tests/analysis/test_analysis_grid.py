@@ -274,6 +274,15 @@ def test_settled_methods_run_their_finals_while_others_still_search(tmp_path, mo
     assert calls.count(("a/shpeft@0.02/lr0.03-it10-s0", True)) == 1
     assert calls.count(("a/shpeft@0.02/lr0.03-it10-s0", False)) == 1
     assert ("a/full/lr0.333-it10-s0", True) in calls and ("a/full/lr0.333-it10-s2", True) in calls
+    # rerun with every search run finished: seed 0's test comes in the first round, not after
+    # the whole round of finals (a stopped grid would otherwise lack it every time)
+    for path in (tmp_path / "out").rglob("result.json"):
+        if "-s0" not in path.parent.name:
+            path.unlink()
+    calls.clear()
+    G.run_grid(g, tmp_path / "out", workers=1, poll_s=0)
+    s0, s1 = ("a/shpeft@0.02/lr0.03-it10-s0", True), ("a/shpeft@0.02/lr0.03-it10-s1", True)
+    assert calls.index(s0) < calls.index(s1)
 
 
 def test_unknown_keys_and_missing_data_are_refused(tmp_path):

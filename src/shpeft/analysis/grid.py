@@ -1023,8 +1023,11 @@ def run_grid(
                 later += shared_specs(grid)
             if "budgets" in stages:
                 later += budget_specs(grid, choices)
-            searching = {sp.run_id for sp, _ in work}
-            # a seed-0 final that reuses a search run of this round gets its test next round
+            # a seed-0 final that reuses a search run still to train this round gets its test
+            # next round; one whose search run is finished gets it now
+            searching = {
+                sp.run_id for sp, _ in work if not (sp.run_dir(out) / "result.json").is_file()
+            }
             work += [
                 (sp, True)
                 for sp in unique(later)
