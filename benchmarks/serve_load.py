@@ -158,29 +158,10 @@ def write_images(folder: Path) -> list[Path]:
     gray = np.asarray(Image.open(sorted(folder.glob("busi_*.png"))[0]).convert("L"))
     Image.fromarray(gray).convert("RGB").save(folder / "busi_jpeg.jpg", quality=90)
     Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "busi_16bit.tif")
-    _dicom(folder / "busi_12bit.dcm", gray.astype(np.uint16) * 16)
+    from shpeft.data.io import write_dicom
+
+    write_dicom(folder / "busi_12bit.dcm", gray.astype(np.uint16) * 16)
     return sorted(folder.iterdir())
-
-
-def _dicom(path: Path, pixels: np.ndarray) -> None:
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
 
 
 # --------------------------------------------------------------------------------------------

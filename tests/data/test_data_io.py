@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from shpeft.data import DataError, is_image_file, is_mask_file, read_image
+from shpeft.data.io import write_dicom
 
 
 def _check_rgb(arr: np.ndarray, shape: tuple[int, int]) -> None:
@@ -108,37 +109,12 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     _check_rgb(read_image(tmp_path / "o.jpg"), (6, 4))
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, **attrs) -> Path:
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
-
-
 RAW = np.array([[0, 100], [200, 300]], dtype=np.uint16)
 
 
 def test_dicom_rescale_and_window(tmp_path: Path) -> None:
     # Rescaled values -100, 100, 300, 500; window [-100, 300] -> 0, ~128, 255, 255 (clipped).
-    path = _write_dicom(
+    path = write_dicom(
         tmp_path / "w.dcm",
         RAW,
         RescaleSlope=2,
@@ -153,13 +129,13 @@ def test_dicom_rescale_and_window(tmp_path: Path) -> None:
 
 
 def test_dicom_minmax_without_window(tmp_path: Path) -> None:
-    out = read_image(_write_dicom(tmp_path / "m.dcm", RAW, RescaleSlope=3, RescaleIntercept=7))
+    out = read_image(write_dicom(tmp_path / "m.dcm", RAW, RescaleSlope=3, RescaleIntercept=7))
     np.testing.assert_array_equal(out[..., 0], [[0, 85], [170, 255]])
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path: Path) -> None:
-    m2 = read_image(_write_dicom(tmp_path / "m2.dcm", RAW))
-    m1 = read_image(_write_dicom(tmp_path / "m1.dcm", RAW, PhotometricInterpretation="MONOCHROME1"))
+    m2 = read_image(write_dicom(tmp_path / "m2.dcm", RAW))
+    m1 = read_image(write_dicom(tmp_path / "m1.dcm", RAW, PhotometricInterpretation="MONOCHROME1"))
     np.testing.assert_array_equal(m1.astype(int), 255 - m2.astype(int))
     assert m1[0, 0, 0] == 255  # the lowest value is brightest in MONOCHROME1
 

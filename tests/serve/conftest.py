@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shpeft.data.io import write_dicom
 from tests.conftest import SHARED_DATA, SHARED_MODELS
 
 TASKS = {
@@ -99,30 +100,6 @@ def images(tmp_path_factory) -> dict[str, Path]:
     out["benign16.tif"] = root / "benign16.tif"
     out["benign.dcm"] = write_dicom(root / "benign.dcm", gray.astype(np.uint16) * 16)
     return out
-
-
-def write_dicom(path: Path, pixels: np.ndarray) -> Path:
-    """A minimal MONOCHROME2 12-bit DICOM file (no window: min-max scaled when read)."""
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
 
 
 def png_bytes(array: np.ndarray) -> bytes:

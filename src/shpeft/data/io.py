@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "write_dicom",
     "DICOM_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "DataError",
@@ -253,6 +254,33 @@ def _read_dicom(path: Path) -> np.ndarray:
     if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1 shows low values bright
     return _gray_to_rgb(gray)
+
+
+def write_dicom(path: str | os.PathLike[str], pixels: np.ndarray, **attrs) -> Path:
+    """Write ``pixels`` (2-D, up to 12 bits) as a minimal MONOCHROME2 secondary-capture DICOM
+    file: synthetic data, tests and benchmarks of the DICOM path. ``attrs`` set or override
+    data elements (``RescaleSlope=3``, ``PhotometricInterpretation="MONOCHROME1"``, ...)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return Path(path)
 
 
 def _first(value) -> float | None:
