@@ -471,7 +471,7 @@ def test_predict_explain_writes_an_overlay_per_image(real_run, tmp_path, capsys)
 def bench_with_a_real_report(tmp_path: Path, run: Path | None) -> tuple[Path, Path]:
     """A synthetic grid summary whose shpeft/busi/seed-0 run is (a copy of) ``run``."""
     from shpeft.analysis import grid as G
-    from shpeft.analysis import tables as T
+    from shpeft.analysis import summary as S
     from tests.analysis.test_analysis_tables import config, populate
 
     g = config()
@@ -481,17 +481,17 @@ def bench_with_a_real_report(tmp_path: Path, run: Path | None) -> tuple[Path, Pa
     )
     if run is not None:
         shutil.copytree(run, spec.run_dir(tmp_path), dirs_exist_ok=True)
-    T.write_summary(g, tmp_path)
+    S.write_summary(g, tmp_path)
     return tmp_path / "summary_syn" / "index.html", spec.run_dir(tmp_path)
 
 
 def test_bench_index_links_every_cell_to_its_runs(tmp_path):
     index, linked = bench_with_a_real_report(tmp_path, None)
     (linked / REPORT).write_text("<!DOCTYPE html><title>r</title>")
-    from shpeft.analysis import tables as T
+    from shpeft.analysis import summary as S
     from tests.analysis.test_analysis_tables import F1, config
 
-    T.write_summary(config(), tmp_path)
+    S.write_summary(config(), tmp_path)
     page = read_page(index)
     runs = [h for h in page.links if "runs/" in h]
     # one link per finished Table 1 run (fixed lr setting; the shared one has none)

@@ -16,7 +16,7 @@ from shpeft.analysis.changes import topk_flat
 from shpeft.analysis.hybridity import chance_overlap, overlap, run_hybridity, write_hybridity
 from shpeft.analysis.locations import block_of, run_locations, write_locations
 from shpeft.analysis.sparsity import graft, run_sparsity, write_sparsity
-from shpeft.analysis.tables import write_summary
+from shpeft.analysis.summary import write_summary
 from shpeft.params import KINDS
 
 pytestmark = pytest.mark.filterwarnings("ignore:data leakage allowed:UserWarning")

@@ -11,6 +11,7 @@ import pytest
 
 from shpeft.analysis import grid as G
 from shpeft.analysis import paper
+from shpeft.analysis import summary as S
 from shpeft.analysis import tables as T
 
 
@@ -128,7 +129,7 @@ def test_table1_layout_statistics_and_paper_columns(tmp_path):
 def test_summary_files_markdown_csv_ablations_and_fig4(tmp_path):
     g = config()
     populate(tmp_path, g)
-    s = T.write_summary(g, tmp_path)
+    s = S.write_summary(g, tmp_path)
     dest = tmp_path / "summary_syn"
     md = (dest / "summary.md").read_text()
     assert "reconstructed, not the byte-identical official file" in md
@@ -180,7 +181,7 @@ def test_summary_files_markdown_csv_ablations_and_fig4(tmp_path):
 def test_cost_table_and_runs_csv(tmp_path):
     g = config()
     populate(tmp_path, g)
-    T.write_summary(g, tmp_path)
+    S.write_summary(g, tmp_path)
     dest = tmp_path / "summary_syn"
     cost = (dest / "cost_fixed.md").read_text()
     # linear: 5 finished runs (seeds 0,1 on busi; 0,1,2 on other): CPU (10+11+10+11+12)/5 s,

@@ -174,7 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_grid,
         unique,
     )
-    from shpeft.analysis.tables import write_summary
+    from shpeft.analysis.summary import write_summary
 
     grid = load_grid(args.config, protocol=args.protocol)
     # runs of different protocols never share a folder (their run ids would collide)

@@ -26,18 +26,13 @@ from shpeft.analysis import paper
 from shpeft.analysis.grid import (
     GridConfig,
     RunSpec,
-    budget_specs,
-    chosen_lrs,
     default_budget,
-    final_specs,
     lr_choices,
-    shared_specs,
     unique,
 )
 from shpeft.analysis.output import save_figure
-from shpeft.io_utils import write_csv, write_text
+from shpeft.io_utils import write_csv
 from shpeft.methods import METHODS
-from shpeft.report.index import write_index
 
 METRICS = {"f1": ("macro_f1", "macro F1"), "acc": ("accuracy", "accuracy"), "auc": ("auc", "AUC")}
 
@@ -283,7 +278,7 @@ def paper_table1_markdown() -> str:
 # Ablations (Table 4, Table 5)
 
 
-def _importance_settings(grid: GridConfig) -> dict[str, tuple[str, float, float]]:
+def importance_settings(grid: GridConfig) -> dict[str, tuple[str, float, float]]:
     """variant name -> (strategy, lambda, budget) for every variant of the grid whose method
     ranks by an importance ``strategy`` with a weight ``lam`` (Tables 4 and 5)."""
     out = {}
@@ -303,7 +298,7 @@ def ablation_tables(grid: GridConfig, table: Table, acc_table: Table) -> dict[st
     A row is filled only when the grid has a variant with that setting and the same ratio as the
     plain ``shpeft`` variant (or the first SH-PEFT variant).
     """
-    settings = _importance_settings(grid)
+    settings = importance_settings(grid)
     if len(settings) < 2:
         return {}
     plain = [v.name for v in grid.methods if v.name == v.method and v.name in settings]
@@ -357,15 +352,22 @@ def ablation_tables(grid: GridConfig, table: Table, acc_table: Table) -> dict[st
 
 
 def budget_points(
-    grid: GridConfig, results: dict[str, dict[str, Any]], specs: Sequence[RunSpec]
+    grid: GridConfig,
+    results: dict[str, dict[str, Any]],
+    specs: Sequence[RunSpec],
+    datasets: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Per (method, budget): mean trainable % and the average over datasets of the seed-mean F1.
 
-    A point needs every dataset to have at least one finished run. A run listed twice (the
-    default budget's run is both a final and a budget run) counts once.
+    A point needs every dataset (of ``datasets``, default the grid's) to have at least one
+    finished run. A run listed twice (the default budget's run is both a final and a budget
+    run) counts once.
     """
+    wanted = set(grid.datasets if datasets is None else datasets)
     groups: dict[tuple[str, Any], dict[str, Any]] = {}
     for spec in unique(specs):
+        if spec.dataset not in wanted:
+            continue
         r = results.get(spec.run_id)
         f1 = test_metric(r, "macro_f1")
         if f1 is None:
@@ -375,7 +377,7 @@ def budget_points(
         g["pct"].append(r["trainable"]["backbone_trainable_pct"])
     points = []
     for (name, budget), g in groups.items():
-        if set(g["f1"]) != set(grid.datasets):
+        if set(g["f1"]) != wanted:
             continue
         means = [sum(v) / len(v) for v in g["f1"].values()]
         points.append(
@@ -596,96 +598,3 @@ def lr_choice_markdown(grid: GridConfig, out: Path) -> str:
             cells.append(f"{chosen} ({vals})")
         lines.append(f"| {row_label(grid, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = None) -> dict:
-    """Write every table (Markdown + CSV) and Fig. 4 (PNG) to ``dest`` (default OUT/summary_NAME).
-
-    Returns:
-        ``{"markdown": path of summary.md, "text": Table 1 (tuned) in Markdown, "files": [...]}``.
-    """
-    out = Path(out)
-    # one folder per grid: several configs (main grid, ablations) may share one run folder
-    dest = Path(dest) if dest else out / f"summary_{grid.name}"
-    dest.mkdir(parents=True, exist_ok=True)
-    results = load_results(out)
-    choices = chosen_lrs(grid, out)
-    settings: list[tuple[str, str, list[RunSpec]]] = []
-    if grid.lr_search:
-        settings.append(("tuned", "per-method lr chosen on validation", final_specs(grid, choices)))
-    else:
-        settings.append(
-            ("fixed", f"lr {grid.default_lr:g} for every method", final_specs(grid, {}))
-        )
-    if grid.shared_lr is not None:
-        settings.append(("shared", f"the paper's shared lr {grid.shared_lr:g}", shared_specs(grid)))
-    files: list[str] = []
-    parts = [
-        f"# Benchmark grid `{grid.name}`",
-        "",
-        protocol_text(grid),
-        f"Runs finished: {len(results)}. Cells: test split, mean ± sample std over seeds "
-        "(`(n=k)` when fewer seeds finished), `-` when missing.",
-        "",
-    ]
-    first_text = ""
-    index_tables = []  # (key, desc, Table 1 of macro F1, its runs) for index.html
-    for key, desc, specs in settings:
-        tables = {}
-        for metric, (_, mname) in METRICS.items():
-            t = build_table(
-                grid, results, specs, metric, f"Table 1 layout, test {mname} (%), {desc}"
-            )
-            if metric != "f1":
-                t.notes.append(
-                    "The paper reports ACC and AUC only in its supplementary material (not "
-                    "transcribed)."
-                )
-            tables[metric] = t
-            t.write_csv(dest / f"table1_{metric}_{key}.csv")
-            write_text(dest / f"table1_{metric}_{key}.md", t.markdown())
-            files += [
-                str(dest / f"table1_{metric}_{key}.csv"),
-                str(dest / f"table1_{metric}_{key}.md"),
-            ]
-            parts.append(t.markdown())
-        if not first_text:
-            first_text = tables["f1"].markdown()
-        index_tables.append((key, desc, tables["f1"], specs))
-        for name, md in ablation_tables(grid, tables["f1"], tables["acc"]).items():
-            write_text(dest / f"{name}_{key}.md", md)
-            files.append(str(dest / f"{name}_{key}.md"))
-            parts.append(md)
-        cost = cost_markdown(grid, results, specs, desc)
-        write_text(dest / f"cost_{key}.md", cost)
-        files.append(str(dest / f"cost_{key}.md"))
-        parts.append(cost)
-    lr_md = lr_choice_markdown(grid, out)
-    if lr_md:
-        write_text(dest / "lr_choice.md", lr_md)
-        files.append(str(dest / "lr_choice.md"))
-        parts.append(lr_md)
-    if grid.budgets:
-        specs = budget_specs(grid, choices) + (
-            final_specs(grid, choices) if grid.lr_search else final_specs(grid, {})
-        )
-        points = budget_points(grid, results, specs)
-        fields = ("method", "budget_field", "budget", "trainable_pct", "avg_macro_f1", "runs")
-        write_csv(dest / "fig4_budgets.csv", fields, ([p.get(k) for k in fields] for p in points))
-        png = plot_budgets(
-            points,
-            dest / "fig4_budgets.png",
-            f"{grid.name}: Fig. 4 layout ({grid.protocol})",
-            grid.raw.get("highlight", ()),
-        )
-        files += [str(dest / "fig4_budgets.csv"), str(png)]
-        parts.append(f"### Fig. 4 layout\n\n![macro F1 vs trainable %]({png.name})\n")
-    files.append(str(write_runs_csv(results, dest / "runs.csv")))
-    parts.append(paper_table1_markdown())
-    md = "\n".join(parts)
-    write_text(dest / "summary.md", md)
-    files.append(str(dest / "summary.md"))
-    fig4 = dest / "fig4_budgets.png" if grid.budgets else None
-    index = write_index(grid, out, dest, index_tables, fig4, protocol_text(grid))
-    files.append(str(index))
-    return {"markdown": str(dest / "summary.md"), "text": first_text, "files": files}

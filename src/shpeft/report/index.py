@@ -1,7 +1,7 @@
 """``index.html`` of a benchmark grid: Table 1 with every cell linking to its runs' reports.
 
 Written by ``shpeft bench`` beside its Markdown and CSV tables (:func:`write_index`, called from
-:func:`shpeft.analysis.tables.write_summary`). Each Table 1 cell shows the mean ± std over seeds
+:func:`shpeft.analysis.summary.write_summary`). Each Table 1 cell shows the mean ± std over seeds
 and one link per finished run (``s0``, ``s1``, ...) to that run's ``report.html``, by a path
 relative to the index, so the grid folder can be moved or served as a whole. A run without a
 report (a run older than the reports) links to its folder instead, marked; ``shpeft report OUT
