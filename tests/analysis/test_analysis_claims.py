@@ -121,3 +121,43 @@ def test_budget_claims_from_result_files(tmp_path):
         G.budget_specs(g, {}) + G.final_specs(g, {}),
     )
     assert all(c.verdict.endswith("so far (busi of busi, other)") for c in claims)
+
+
+def test_selection_ablation_table_against_the_baselines(tmp_path):
+    """benchmarks/selection_ablation.py: each (selection, budget) row against the baseline grid's
+    best method, its best neighbour in trainable share and full fine-tuning, on shared runs."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "selection_ablation.py"
+    spec = importlib.util.spec_from_file_location("selection_ablation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    raw = config().raw
+    base = G.parse_grid({**raw, "methods": ["shpeft", "full", "lora"], "budgets": {}})
+    row = {"zero_grad": "skip", "allocation": "row"}
+    abl = G.parse_grid(
+        {
+            **raw,
+            "methods": [
+                "shpeft",
+                {"name": "row", "method": "shpeft", "config": row},
+                {"name": "row-0.01pct", "method": "shpeft", "config": {**row, "ratio": 0.0001}},
+            ],
+            "budgets": {},
+        }
+    )
+    share = {"full": 100.0, "lora": 1.5, "shpeft": 1.0, "row": 1.0, "row-0.01pct": 0.01}
+    score = {"full": 75.0, "lora": 85.0, "shpeft": 70.0, "row": 90.0, "row-0.01pct": 74.0}
+    write_results(tmp_path, base, lambda s: score[s.variant], lambda s: share[s.variant])
+    write_results(tmp_path, abl, lambda s: score[s.variant], lambda s: share[s.variant])
+    rows = {r["variant"]: r for r in mod.ablation_rows(abl, base, tmp_path)}
+    assert rows["row"]["selection"] == "allocation=row, zero_grad=skip"
+    assert rows["shpeft"]["selection"] == "paper (eq. 1)"
+    assert rows["row"]["best_all"][0].startswith("LoRA") and rows["row"]["best_all"][1].mean == 85
+    assert rows["row"]["best_near"] == ("LoRA (lora_rank=8) 1.5%", 85.0)
+    assert rows["row"]["goal"] == "beats the best of all: yes"
+    assert rows["shpeft"]["goal"] == "beats the best of all: no"
+    # 0.01%: 74 against full fine-tuning's 75 (no seed spread): not reached
+    assert rows["row-0.01pct"]["goal"] == ">= full FT: no"
+    md = mod.markdown(abl, rows.values())
+    assert "| allocation=row, zero_grad=skip | 1% | 1 | 90.0 ± 0.0 | 90.0 ± 0.0 |" in md
