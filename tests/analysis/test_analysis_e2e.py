@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -300,4 +301,26 @@ def test_paper_analyses_script_on_the_micro_grid(micro, tmp_path):
     assert (dest / "sparsity" / "breastmnist-s1" / "sparsity.csv").is_file()
     assert "| 100 | 100.0 ± 0.0 | 100.0 |" in md
     assert "breastmnist:s1" in (dest / "hybridity_full_delta" / "hybridity.md").read_text()
+    assert (dest / "locations" / "breastmnist" / "locations.png").read_bytes()[:8] == PNG
+
+
+def test_bench_writes_the_analyses_beside_the_tables(micro, tmp_path):
+    """``shpeft bench --analyses yes``: Fig. 2 and locations in summary_NAME/analyses; ``auto``
+    leaves them out of a --summary-only call (they evaluate models)."""
+    grid, out, _ = micro
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps(grid.raw))
+    parser = argparse.ArgumentParser()
+    commands: dict = {}
+    add_subcommands(parser.add_subparsers(dest="command", required=True), commands)
+    dest = out / "summary_micro" / "analyses"
+    shutil.rmtree(dest, ignore_errors=True)
+    args = parser.parse_args(["bench", str(config), "--out", str(out), "--summary-only"])
+    assert args.func(args) == 0 and not dest.exists()
+    args = parser.parse_args(
+        ["bench", str(config), "--out", str(out), "--summary-only", "--analyses", "yes"]
+    )
+    assert args.func(args) == 0
+    md = (dest / "analyses.md").read_text()
+    assert "Sparsity (Fig. 2 left)" in md and "breastmnist:s1" in md
     assert (dest / "locations" / "breastmnist" / "locations.png").read_bytes()[:8] == PNG

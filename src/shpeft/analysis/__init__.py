@@ -94,6 +94,14 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
         "the config's order; each dataset's search, finals and budgets finish before the next)",
     )
     p.add_argument("--summary-only", action="store_true", help="only write the tables")
+    p.add_argument(
+        "--analyses",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="Fig. 2 (sparsity, hybridity) and SH-PEFT's selection locations from the tuned "
+        "finals, into summary_NAME/analyses (they evaluate models: minutes). auto: after a run "
+        "of the grid that includes the final stage, not with --summary-only (default auto)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
     p.add_argument(
         "--poll", type=float, default=10.0, help="seconds between checks on runs held elsewhere"
@@ -217,6 +225,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(status["statuses"]), file=sys.stderr)
     summary = write_summary(grid, out)
+    analyses = args.analyses == "yes" or (
+        args.analyses == "auto" and not args.summary_only and "final" in stages
+    )
+    if analyses:
+        from shpeft.analysis.grid_analyses import write_grid_analyses
+        from shpeft.runs import resolve_device
+
+        dest = Path(summary["markdown"]).parent / "analyses"
+        md = write_grid_analyses(grid, out, dest, device=str(resolve_device(args.device)))
+        print(f"analyses: {md}", file=sys.stderr)
     print(summary["text"])
     print(f"summary: {summary['markdown']}", file=sys.stderr)
     return 0
