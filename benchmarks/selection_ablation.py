@@ -25,7 +25,14 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from shpeft.analysis.claims import SHARE_FACTOR, average, complete_datasets, point_label
+from shpeft.analysis.claims import (
+    SHARE_FACTOR,
+    average,
+    compare,
+    complete_datasets,
+    fmt_stat,
+    point_label,
+)
 from shpeft.analysis.grid import (
     GridConfig,
     budget_specs,
@@ -41,12 +48,6 @@ GOAL_BEAT_ALL = (0.01, 0.001)  # budgets at which the best variant should beat e
 GOAL_FULL_FT = (0.0001,)  # budgets at which it should at least match full fine-tuning
 
 
-def _fmt(s: Stat | None) -> str:
-    if s is None:
-        return "-"
-    return f"{s.mean:.1f}" if s.n < 2 else f"{s.mean:.1f} ± {s.std:.1f}"
-
-
 def selection_of(grid: GridConfig, name: str) -> str:
     """A variant's options other than its budget, as flags (``paper (eq. 1)`` when none)."""
     v = grid.variant(name)
@@ -56,16 +57,11 @@ def selection_of(grid: GridConfig, name: str) -> str:
     return ", ".join(f"{k}={x}" for k, x in sorted(diff.items())) or "paper (eq. 1)"
 
 
-def compare(a: Stat | None, b: Stat | None, at_least: bool = False) -> str:
-    """``a`` against ``b``: yes / no / tie (difference within the larger seed std)."""
+def _compare(a: Stat | None, b: Stat | None, at_least: bool = False) -> str:
     if a is None or b is None:
         return "-"
-    noise = max(a.std, b.std)
-    if a.mean - b.mean > noise or (at_least and a.mean >= b.mean):
-        return "yes"
-    if b.mean - a.mean > noise:
-        return "no"
-    return "tie"
+    v = compare(a, b, at_least)
+    return "tie" if v == "within seed std" else v
 
 
 def ablation_rows(abl: GridConfig, base: GridConfig, out: Path) -> list[dict[str, Any]]:
@@ -116,12 +112,12 @@ def ablation_rows(abl: GridConfig, base: GridConfig, out: Path) -> list[dict[str
                 )
         row["best_near"] = near
         if budget in GOAL_BEAT_ALL and row["best_all"]:
-            verdict = compare(row["avg"], row["best_all"][1])
+            verdict = _compare(row["avg"], row["best_all"][1])
             if len(ready) < len(baselines):
                 verdict = f"pending ({verdict} so far)"
             row["goal"] = f"beats the best of all: {verdict}"
         elif budget in GOAL_FULL_FT:
-            row["goal"] = f">= full FT: {compare(row['avg'], row['full'], at_least=True)}"
+            row["goal"] = f">= full FT: {_compare(row['avg'], row['full'], at_least=True)}"
         else:
             row["goal"] = "-"
         rows.append(row)
@@ -141,15 +137,15 @@ def markdown(abl: GridConfig, rows: list[dict[str, Any]]) -> str:
     for r in sorted(rows, key=lambda r: (-(r["budget"] or 0), r["selection"])):
         cells = [r["selection"], f"{100 * r['budget']:g}%" if r["budget"] else "-"]
         cells.append("-" if r["trainable_pct"] is None else f"{r['trainable_pct']:.3g}")
-        cells += [_fmt(r["cells"][ds]) for ds in abl.datasets]
-        cells.append(f"{_fmt(r['avg'])} ({', '.join(r['datasets'])})" if r["datasets"] else "-")
+        cells += [fmt_stat(r["cells"][ds]) for ds in abl.datasets]
+        cells.append(f"{fmt_stat(r['avg'])} ({', '.join(r['datasets'])})" if r["datasets"] else "-")
         ba = r["best_all"]
         n, total = r["baselines_ready"]
         of = "" if n == total else f" (of {n}/{total} finished)"
-        cells.append(f"{ba[0]} {_fmt(ba[1])}{of}" if ba else "-")
+        cells.append(f"{ba[0]} {fmt_stat(ba[1])}{of}" if ba else "-")
         near = r["best_near"]
         cells.append(f"{near[0]}: {near[1]:.1f}" if near else "-")
-        cells += [_fmt(r["full"]), r["goal"]]
+        cells += [fmt_stat(r["full"]), r["goal"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

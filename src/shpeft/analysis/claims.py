@@ -42,17 +42,17 @@ class Claim:
     verdict: str
 
 
-def _fmt(s: Stat | None) -> str:
+def fmt_stat(s: Stat | None) -> str:
     if s is None:
         return "-"
     return f"{s.mean:.1f}" if s.n < 2 else f"{s.mean:.1f} ± {s.std:.1f}"
 
 
-def _beats(a: Stat, b: Stat) -> str:
-    """``a`` against ``b``: "yes" (higher by more than the larger seed std), "no", or
-    "within seed std"."""
+def compare(a: Stat, b: Stat, at_least: bool = False) -> str:
+    """``a`` against ``b``: "yes" (higher by more than the larger seed std; with ``at_least``,
+    any ``a >= b``), "no" (lower by more than it), or "within seed std"."""
     noise = max(a.std, b.std)
-    if a.mean - b.mean > noise:
+    if a.mean - b.mean > noise or (at_least and a.mean >= b.mean):
         return "yes"
     if b.mean - a.mean > noise:
         return "no"
@@ -118,16 +118,18 @@ def table1_claim(grid: GridConfig, table: Table) -> Claim | None:
     ranked = sorted(rows, key=lambda r: -avgs[r].mean)  # type: ignore[union-attr]
     rank = ranked.index(SUBJECT) + 1
     best = ranked[0] if ranked[0] != SUBJECT else ranked[1]
-    leaders = ", ".join(f"{table.labels[r]} {_fmt(avgs[r])}" for r in ranked[:4] if r != SUBJECT)
+    leaders = ", ".join(
+        f"{table.labels[r]} {fmt_stat(avgs[r])}" for r in ranked[:4] if r != SUBJECT
+    )
     ours = (
-        f"SH-PEFT {_fmt(avgs[SUBJECT])}, rank {rank} of {len(rows)}; {leaders}"
+        f"SH-PEFT {fmt_stat(avgs[SUBJECT])}, rank {rank} of {len(rows)}; {leaders}"
         f"{'' if len(done) == len(grid.datasets) else '; datasets: ' + ', '.join(done)}"
     )
     if rank == 1:
-        v = _beats(avgs[SUBJECT], avgs[best])  # type: ignore[arg-type]
+        v = compare(avgs[SUBJECT], avgs[best])  # type: ignore[arg-type]
         verdict = "**agrees**" if v == "yes" else f"**no clear winner**: SH-PEFT highest, {v}"
     else:
-        v = _beats(avgs[best], avgs[SUBJECT])  # type: ignore[arg-type]
+        v = compare(avgs[best], avgs[SUBJECT])  # type: ignore[arg-type]
         verdict = (
             "**disagrees**"
             if v == "yes"
@@ -246,7 +248,7 @@ def ablation_claims(grid: GridConfig, table: Table) -> list[Claim]:
             claims.append(Claim(claim, "waiting for runs", "pending"))
         else:
             avgs = {r: average(table, r, done) for r in rows}
-            vs = [_beats(avgs[hybrid], avgs[r]) for r in present]  # type: ignore[arg-type]
+            vs = [compare(avgs[hybrid], avgs[r]) for r in present]  # type: ignore[arg-type]
             verdict = (
                 "**agrees**"
                 if all(v == "yes" for v in vs)
@@ -254,7 +256,7 @@ def ablation_claims(grid: GridConfig, table: Table) -> list[Claim]:
                 if any(v == "no" for v in vs)
                 else "**no clear winner**: within seed std"
             )
-            ours = "; ".join(f"{r} {_fmt(avgs[r])}" for r in rows)
+            ours = "; ".join(f"{r} {fmt_stat(avgs[r])}" for r in rows)
             claims.append(Claim(claim, ours, verdict + _scope(done, grid)))
     lams = {s[1]: n for n, s in settings.items() if s[0] == "l2" and s[2] == ratio}
     claim = "lambda = 1 balances the terms best (Table 5: 83.9 against 82.4-83.1)"
@@ -268,13 +270,13 @@ def ablation_claims(grid: GridConfig, table: Table) -> list[Claim]:
         return claims
     avgs = {lam: average(table, n, done) for lam, n in lams.items()}
     best = max(avgs, key=lambda lam: avgs[lam].mean)  # type: ignore[union-attr]
-    ours = "; ".join(f"lambda {lam:g}: {_fmt(avgs[lam])}" for lam in sorted(avgs))
+    ours = "; ".join(f"lambda {lam:g}: {fmt_stat(avgs[lam])}" for lam in sorted(avgs))
     if best == 1.0:
         runner = max((lam for lam in avgs if lam != 1.0), key=lambda lam: avgs[lam].mean)  # type: ignore[union-attr]
-        v = _beats(avgs[1.0], avgs[runner])  # type: ignore[arg-type]
+        v = compare(avgs[1.0], avgs[runner])  # type: ignore[arg-type]
         verdict = "**agrees**" if v == "yes" else "**no clear optimum**: within seed std"
     else:
-        v = _beats(avgs[best], avgs[1.0])  # type: ignore[arg-type]
+        v = compare(avgs[best], avgs[1.0])  # type: ignore[arg-type]
         verdict = (
             f"**disagrees**: lambda {best:g} is best"
             if v == "yes"
