@@ -324,3 +324,25 @@ def test_bench_writes_the_analyses_beside_the_tables(micro, tmp_path):
     md = (dest / "analyses.md").read_text()
     assert "Sparsity (Fig. 2 left)" in md and "breastmnist:s1" in md
     assert (dest / "locations" / "breastmnist" / "locations.png").read_bytes()[:8] == PNG
+
+
+def test_lost_run_folders_come_back_from_the_ledger(micro, tmp_path):
+    """``shpeft bench --restore runs.jsonl`` into an empty folder: the tables are the same as from
+    the original runs, and the grid has nothing left to train."""
+    grid, out, _ = micro
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps(grid.raw))
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command", required=True), {})
+    original = Path(write_summary(grid, out)["markdown"]).parent
+    ledger = original / "runs.jsonl"
+    assert len(ledger.read_text().splitlines()) == 4
+    new = tmp_path / "new"
+    args = parser.parse_args(
+        ["bench", str(config), "--out", str(new), "--restore", str(ledger), "--summary-only"]
+    )
+    assert args.func(args) == 0
+    restored = new / "summary_micro"
+    for name in ("table1_f1_fixed.md", "table1_auc_fixed.csv", "cost_fixed.md", "runs.csv"):
+        assert (restored / name).read_text() == (original / name).read_text(), name
+    assert G.run_grid(grid, new, workers=1, threads=1, device="cpu")["statuses"] == {"done": 4}

@@ -104,6 +104,14 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
     )
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
     p.add_argument(
+        "--restore",
+        metavar="RUNS_JSONL",
+        help="first write back the finished runs of a ledger (the runs.jsonl that bench writes "
+        "beside its tables) where OUT lacks them, e.g. after the run folders were lost: the grid "
+        "then resumes instead of training them again (metrics only; runs that need their model "
+        "later are retrained)",
+    )
+    p.add_argument(
         "--poll", type=float, default=10.0, help="seconds between checks on runs held elsewhere"
     )
     p.set_defaults(func=cmd_bench)
@@ -194,6 +202,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.threads < 1:
         raise ValueError("--workers and --threads must be >= 1")
     datasets = [d.strip() for d in (args.datasets or "").split(",") if d.strip()] or None
+    if args.restore:
+        from shpeft.analysis.ledger import restore_runs
+
+        counts = restore_runs(args.restore, out)
+        print(
+            f"restored {counts['restored']} finished run(s) from {args.restore} into {out} "
+            f"({counts['kept']} already there, left alone)",
+            file=sys.stderr,
+        )
     if args.dry_run:
         plan = planned_specs(grid, out)
         total = [

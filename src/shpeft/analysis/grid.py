@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shpeft.analysis.ledger import is_restored
 from shpeft.io_utils import write_json
 
 log = logging.getLogger("shpeft")
@@ -752,11 +753,16 @@ def _finished(job: dict[str, Any]) -> bool:
 
 
 def _add_test(job: dict[str, Any]) -> str:
-    """Evaluate a finished search run on the test split (it has become a final run)."""
+    """Evaluate a finished search run on the test split (it has become a final run); a run
+    restored from a ledger has no model files, so it is trained again, with the test split."""
     from shpeft.runs import evaluate_test
 
     run_dir = Path(job["run_dir"])
     result = json.loads((run_dir / "result.json").read_text())
+    if is_restored(result):  # metrics only (shpeft bench --restore): no model to test; train it
+        (run_dir / "result.json").unlink()
+        (run_dir / "train_log.jsonl").unlink(missing_ok=True)
+        return _run_claimed(job)
     t0 = time.perf_counter()
     from shpeft.report.build import report_after_training
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from shpeft.analysis import grid as G
 from shpeft.analysis.hybridity import run_hybridity, write_hybridity
+from shpeft.analysis.ledger import is_restored
 from shpeft.analysis.locations import run_locations, write_locations
 from shpeft.analysis.paper import PAPER_HYBRIDITY_KS, PAPER_SPARSITY_KS
 from shpeft.analysis.sparsity import run_sparsity, write_sparsity
@@ -38,13 +39,20 @@ ANALYSES = ("sparsity", "hybridity", "locations")
 
 
 def tuned_run(grid: G.GridConfig, out: Path, choices, ds: str, name: str, seed: int, budget=None):
-    """The finished run directory of (dataset, variant, seed[, budget]) at its tuned lr, or None."""
+    """The finished run directory of (dataset, variant, seed[, budget]) at its tuned lr, or None
+    (also for a run restored from a ledger: its model files are gone)."""
     lr = G.run_lr(grid, choices, ds, name)
     if lr is None:
         return None
     spec = G.run_spec(grid, grid.variant(name), ds, lr, seed, grid.iterations, budget=budget)
     d = spec.run_dir(out)
-    return d if (d / "result.json").is_file() else None
+    result = G.read_result(out, spec)
+    if result is None:
+        return None
+    if is_restored(result):
+        log.warning("%s was restored from a ledger without its model files: skipped", spec.run_id)
+        return None
+    return d
 
 
 def sparsity_section(grid, out, choices, dest: Path, device: str) -> str:

@@ -18,6 +18,7 @@ from shpeft.analysis.grid import (
     final_specs,
     shared_specs,
 )
+from shpeft.analysis.ledger import LEDGER_NAME, write_ledger
 from shpeft.analysis.tables import (
     METRICS,
     ablation_tables,
@@ -126,6 +127,8 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
         files += [str(dest / "fig4_budgets.csv"), str(png)]
         parts.append(f"### Fig. 4 layout\n\n![macro F1 vs trainable %]({png.name})\n")
     files.append(str(write_runs_csv(results, dest / "runs.csv")))
+    # the finished runs themselves, small enough to commit: `shpeft bench --restore` reads them
+    files.append(str(write_ledger(out, dest / LEDGER_NAME)))
     parts.append(paper_table1_markdown())
     md = "\n".join(parts)
     write_text(dest / "summary.md", md)
