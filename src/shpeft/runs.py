@@ -67,6 +67,32 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "git_commit": commit,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        **cpu_info(),
+    }
+
+
+#: CPU features that change which kernels torch runs (bf16 and AMX paths round differently)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU a run used: model, torch's kernel level and the flags in :data:`CPU_FLAGS`.
+
+    Recorded because a seeded CPU run is bit-reproducible on one machine but not across CPU
+    models: different kernels round differently and a short fine-tuning run amplifies it."""
+    model, flags = platform.processor() or None, set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    return {
+        "cpu": model,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
     }
 
 

@@ -65,7 +65,9 @@ def test_micro_grid_writes_results_and_resumes_by_skipping(micro):
     r = json.loads((run_dir(out, "shpeft", 1) / "result.json").read_text())
     assert r["run_id"] == "breastmnist/shpeft@0.01/lr0.05-it3-s1"
     assert r["config"]["train"]["seed"] == 1 and r["config"]["method"]["ratio"] == 0.01
-    assert {"git_commit", "torch", "timm", "shpeft"} <= set(r["environment"])
+    assert {"git_commit", "torch", "timm", "shpeft", "cpu", "cpu_capability"} <= set(
+        r["environment"]
+    )
     assert r["trainable"]["backbone_trainable_pct"] == pytest.approx(1.0, rel=0.01)
     assert r["wall_s"] > 0 and r["peak_rss_mb"] > 0 and r["delta_bytes"] > 0
     assert 0 <= r["metrics"]["test"]["macro_f1"] <= 1
