@@ -69,7 +69,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shpeft.analysis.ledger import is_restored
+from shpeft.analysis.ledger import is_restored, read_val_curve
 from shpeft.io_utils import write_json
 
 log = logging.getLogger("shpeft")
@@ -538,17 +538,7 @@ def validation_f1(result: dict[str, Any] | None) -> float | None:
 def validation_curve_mean(run_dir: Path) -> float | None:
     """Mean validation macro F1 over a run's evaluations after iteration 0 (its
     ``train_log.jsonl``): how well an lr trained throughout, not only at its best point."""
-    path = Path(run_dir) / "train_log.jsonl"
-    if not path.is_file():
-        return None
-    f1s = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("iteration", 0) > 0 and "val" in row:
-            f1s.append(float(row["val"]["macro_f1"]))
+    f1s = [f1 for it, f1 in read_val_curve(run_dir) if it > 0]
     return sum(f1s) / len(f1s) if f1s else None
 
 
