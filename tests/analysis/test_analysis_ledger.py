@@ -112,3 +112,15 @@ def test_a_restored_search_run_that_becomes_a_final_is_trained_again(tmp_path, m
     other = G.search_specs(g)[1]
     search_job = G.job_payload(g, other, new, threads=1, device="cpu", eval_test=False)
     assert G.run_job(search_job)["status"] == "done"  # no test asked: the restored run stands
+
+
+def test_analyses_that_read_models_skip_restored_runs(tmp_path, caplog):
+    from shpeft.analysis.grid_analyses import tuned_run
+
+    g, out = finished_search(tmp_path)
+    new = tmp_path / "new"
+    restore_runs(write_ledger(out, tmp_path / "runs.jsonl"), new)
+    choices = G.chosen_lrs(g, out)
+    assert tuned_run(g, out, choices, "a", "full", 0) is not None  # the search run, reused
+    assert tuned_run(g, new, choices, "a", "full", 0) is None
+    assert "restored from a ledger" in caplog.text and "delete" in caplog.text

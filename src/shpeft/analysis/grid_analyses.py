@@ -50,7 +50,12 @@ def tuned_run(grid: G.GridConfig, out: Path, choices, ds: str, name: str, seed: 
     if result is None:
         return None
     if is_restored(result):
-        log.warning("%s was restored from a ledger without its model files: skipped", spec.run_id)
+        log.warning(
+            "%s was restored from a ledger without its model files: skipped (delete %s and "
+            "rerun the grid to train it again)",
+            spec.run_id,
+            d,
+        )
         return None
     return d
 

@@ -10,8 +10,10 @@ instead of training its finished runs again.
 
 A restored run has its metrics but no model files: its ``result.json`` says ``"restored"`` (from
 which file, when). Everything computed from metrics (Table 1, Fig. 4, claims, cost, lr choices)
-works on it; what needs the model (a test evaluation added later, Fig. 2, the selection
-locations) trains the run again (:func:`shpeft.analysis.grid.run_job` does so by itself).
+works on it. A search run that later needs a test evaluation is trained again by
+:func:`shpeft.analysis.grid.run_job`; the analyses that read models (Fig. 2, the selection
+locations) skip restored runs with a warning: delete such a run's folder and rerun the grid to
+train it again.
 """
 
 from __future__ import annotations
