@@ -176,6 +176,14 @@ def test_summary_files_markdown_csv_ablations_and_fig4(tmp_path):
     assert "full" not in {p["method"] for p in pts}  # "other" missing: no average
     png = dest / "fig4_budgets.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one figure per dataset as well: busi's has full fine-tuning, each point busi's own mean
+    with open(dest / "fig4_budgets_busi.csv") as f:
+        busi = {(p["method"], float(p["budget"] or 0)): p for p in csv.DictReader(f)}
+    assert ("full", 0.0) in busi
+    assert float(busi[("shpeft", 0.01)]["avg_macro_f1"]) == pytest.approx(
+        statistics.mean(100 * v for v in F1[("shpeft", "busi")])
+    )
+    assert (dest / "fig4_budgets_busi.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cost_table_and_runs_csv(tmp_path):

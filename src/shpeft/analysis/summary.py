@@ -115,17 +115,25 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
         specs = budget_specs(grid, choices) + (
             final_specs(grid, choices) if grid.lr_search else final_specs(grid, {})
         )
-        points = budget_points(grid, results, specs)
         fields = ("method", "budget_field", "budget", "trainable_pct", "avg_macro_f1", "runs")
-        write_csv(dest / "fig4_budgets.csv", fields, ([p.get(k) for k in fields] for p in points))
-        png = plot_budgets(
-            points,
-            dest / "fig4_budgets.png",
-            f"{grid.name}: Fig. 4 layout ({grid.protocol})",
-            grid.raw.get("highlight", ()),
-        )
-        files += [str(dest / "fig4_budgets.csv"), str(png)]
-        parts.append(f"### Fig. 4 layout\n\n![macro F1 vs trainable %]({png.name})\n")
+        # the paper's figure averages over every dataset; one per dataset as well, so that a
+        # grid still running shows the datasets it has finished
+        per_dataset = [(ds, [ds]) for ds in grid.datasets] if len(grid.datasets) > 1 else []
+        for suffix, dss in [("", None), *((f"_{ds}", d) for ds, d in per_dataset)]:
+            points = budget_points(grid, results, specs, dss)
+            if suffix and not points:
+                continue
+            name = f"fig4_budgets{suffix}"
+            write_csv(dest / f"{name}.csv", fields, ([p.get(k) for k in fields] for p in points))
+            what = "average over the datasets" if dss is None else f"{dss[0]} only"
+            png = plot_budgets(
+                points,
+                dest / f"{name}.png",
+                f"{grid.name}: Fig. 4 layout, {what} ({grid.protocol})",
+                grid.raw.get("highlight", ()),
+            )
+            files += [str(dest / f"{name}.csv"), str(png)]
+            parts.append(f"### Fig. 4 layout, {what}\n\n![macro F1 vs trainable %]({png.name})\n")
     files.append(str(write_runs_csv(results, dest / "runs.csv")))
     # the finished runs themselves, small enough to commit: `shpeft bench --restore` reads them
     files.append(str(write_ledger(out, dest / LEDGER_NAME)))
