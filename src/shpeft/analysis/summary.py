@@ -131,6 +131,7 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
                 dest / f"{name}.png",
                 f"{grid.name}: Fig. 4 layout, {what} ({grid.protocol})",
                 grid.raw.get("highlight", ()),
+                ylabel="test macro F1 (%)" + (", average over datasets" if dss is None else ""),
             )
             files += [str(dest / f"{name}.csv"), str(png)]
             parts.append(f"### Fig. 4 layout, {what}\n\n![macro F1 vs trainable %]({png.name})\n")

@@ -394,7 +394,11 @@ def budget_points(
 
 
 def plot_budgets(
-    points: list[dict[str, Any]], path: Path, title: str, highlight: Sequence[str] = ()
+    points: list[dict[str, Any]],
+    path: Path,
+    title: str,
+    highlight: Sequence[str] = (),
+    ylabel: str = "test macro F1 (%), average over datasets",
 ) -> Path:
     """Fig. 4: average macro F1 vs trainable % of the backbone (log x); a line per method, the
     ``highlight`` ones (the grid config's ``highlight``) drawn thicker."""
@@ -425,7 +429,7 @@ def plot_budgets(
         )
     ax.set_xscale("log")
     ax.set_xlabel("trainable backbone scalars (% of the backbone, log scale)")
-    ax.set_ylabel("test macro F1 (%), average over datasets")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     if points:
