@@ -161,3 +161,25 @@ def test_selection_ablation_table_against_the_baselines(tmp_path):
     assert rows["row-0.01pct"]["goal"] == ">= full FT: no"
     md = mod.markdown(abl, rows.values())
     assert "| allocation=row, zero_grad=skip | 1% | 1 | 90.0 ± 0.0 | 90.0 ± 0.0 |" in md
+
+
+def test_precision_check_compares_folders_against_the_first(tmp_path):
+    """benchmarks/precision_check.py: the same runs from several folders, each against the first
+    within seed noise or not; a folder without the runs says pending."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "precision_check.py"
+    spec = importlib.util.spec_from_file_location("precision_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = G.parse_grid({**config().raw, "methods": ["full"], "budgets": {}})
+    noise = {0: -2.0, 1: 0.0, 2: 2.0}  # seed std 2
+    for name, shift in (("ref", 0.0), ("near", 1.0), ("far", 10.0)):
+        write_results(tmp_path / name, g, lambda s, d=shift: 70 + d + noise[s.seed], lambda s: 100)
+    (tmp_path / "empty").mkdir()
+    md = mod.markdown(g, [(n, tmp_path / n) for n in ("ref", "near", "far", "empty")])
+    lines = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| Full")}
+    assert "| s0: 68.0, s1: 70.0, s2: 72.0 | 70.0 ± 2.0 |" in lines["ref"]
+    assert lines["near"].endswith("| +1.0 | within seed std |")
+    assert lines["far"].endswith("| +10.0 | higher |")
+    assert "| empty | pending |" in lines["empty"]
