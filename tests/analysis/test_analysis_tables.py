@@ -203,6 +203,7 @@ def test_cost_table_and_runs_csv(tmp_path):
     assert len(rows) == len(T.load_results(tmp_path))
     row = next(r for r in rows if r["run_id"] == "busi/full/lr0.01-it5-s1")
     assert float(row["test_macro_f1"]) == 0.72 and row["cpu_s"] == "11.0"
+    assert row["cpu"] == ""  # the machine's CPU, when the run recorded it (these did not)
 
 
 def test_stat_edge_cases():

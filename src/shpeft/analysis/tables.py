@@ -445,7 +445,7 @@ RUN_FIELDS = (
     "run_id", "dataset", "variant", "method", "budget_field", "budget", "lr", "iterations", "seed",
     "backbone_trainable", "backbone_trainable_pct", "val_macro_f1", "test_macro_f1",
     "test_accuracy", "test_auc", "best_iteration", "wall_s", "cpu_s", "train_s", "prepare_s",
-    "peak_rss_mb", "peak_cuda_mb", "delta_bytes", "git_commit", "finished_at",
+    "peak_rss_mb", "peak_cuda_mb", "delta_bytes", "git_commit", "cpu", "finished_at",
 )  # fmt: skip
 
 
@@ -466,6 +466,8 @@ def run_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             test_auc=test.get("auc"),
             best_iteration=m.get("best_iteration"),
             git_commit=(r.get("environment") or {}).get("git_commit"),
+            # seeded CPU runs differ across CPU models: say which machine each run had
+            cpu=(r.get("environment") or {}).get("cpu"),
         )
         rows.append(row)
     return rows
