@@ -348,3 +348,17 @@ def test_lost_run_folders_come_back_from_the_ledger(micro, tmp_path):
     for name in ("table1_f1_fixed.md", "table1_auc_fixed.csv", "cost_fixed.md", "runs.csv"):
         assert (restored / name).read_text() == (original / name).read_text(), name
     assert G.run_grid(grid, new, workers=1, threads=1, device="cpu")["statuses"] == {"done": 4}
+
+
+def test_bench_dry_run_shows_progress_and_the_plan(micro, tmp_path, capsys):
+    grid, out, _ = micro
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps(grid.raw))
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command", required=True), {})
+    args = parser.parse_args(["bench", str(config), "--out", str(out), "--dry-run"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "breastmnist    final        4      0        0" in text
+    assert "4 done, 0 to do, 0 waiting" in text and "CPU-hours to go" in text
+    assert "unique runs now known: 4" in text and "todo " not in text

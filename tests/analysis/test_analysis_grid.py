@@ -342,3 +342,29 @@ def test_validation_curve_mean_reads_the_run_log(tmp_path):
     (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert G.validation_curve_mean(tmp_path) == pytest.approx(0.6)
     assert G.validation_curve_mean(tmp_path / "missing") is None
+
+
+def test_progress_counts_done_todo_and_runs_waiting_for_their_search(tmp_path):
+    g = G.parse_grid(raw_config())
+    for spec in G.search_specs(g):
+        if spec.dataset == "a":  # a's search is finished, b's has not started
+            write_result(tmp_path, spec, {**fake_result(0.5, 0.5), "cpu_s": 100.0})
+    p = G.grid_progress(g, tmp_path)
+    rows = {(r["dataset"], r["stage"]): (r["done"], r["todo"], r["waiting"]) for r in p["rows"]}
+    n_var, n_lr, n_seed = len(g.methods), 2, len(g.seeds)
+    assert rows[("a", "search")] == (n_var * n_lr, 0, 0)
+    assert rows[("b", "search")] == (0, n_var * n_lr, 0)
+    # seed 0's final is its search run (counted once, in the search)
+    assert rows[("a", "final")] == (0, n_var * (n_seed - 1), 0)
+    assert rows[("b", "final")] == (0, 0, n_var * (n_seed - 1))
+    assert rows[("a", "shared")] == rows[("b", "shared")] == (0, n_var * n_seed, 0)
+    # budgets {0.001, 0.02} on seed 0: 0.02 is SH-PEFT's own ratio, i.e. its final run
+    assert rows[("a", "budgets")] == (0, 1, 0) and rows[("b", "budgets")] == (0, 0, 1)
+    left = p["todo"] + p["waiting"]
+    assert p["done"] == n_var * n_lr and p["median_cpu_s"] == 100.0
+    assert p["cpu_h_to_go"] == pytest.approx(left * 100 / 3600)
+    text = G.progress_text(p)
+    assert f"{p['done']} done, {p['todo']} to do, {p['waiting']} waiting" in text
+    only_b = G.grid_progress(g, tmp_path, stages=("search",), datasets=("b",))
+    assert [(r["dataset"], r["stage"]) for r in only_b["rows"]] == [("b", "search")]
+    assert only_b["cpu_h_to_go"] is None  # no finished run of b's to price it

@@ -102,7 +102,12 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
         "finals, into summary_NAME/analyses (they evaluate models: minutes). auto: after a run "
         "of the grid that includes the final stage, not with --summary-only (default auto)",
     )
-    p.add_argument("--dry-run", action="store_true", help="list the planned runs and stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what is done and left per dataset and stage (with a CPU estimate), list the "
+        "planned runs, and stop",
+    )
     p.add_argument(
         "--restore",
         metavar="RUNS_JSONL",
@@ -185,8 +190,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from shpeft.analysis.grid import (
         STAGES,
         default_out,
+        grid_progress,
         load_grid,
         planned_specs,
+        progress_text,
         run_grid,
         unique,
     )
@@ -212,6 +219,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.dry_run:
+        print(progress_text(grid_progress(grid, out, stages, datasets or ())))
         plan = planned_specs(grid, out)
         total = [
             s

@@ -1060,3 +1060,84 @@ def planned_specs(grid: GridConfig, out: Path) -> dict[str, list[RunSpec]]:
         "shared": shared_specs(grid),
         "budgets": budget_specs(grid, choices),
     }
+
+
+def grid_progress(
+    grid: GridConfig, out: Path, stages: Sequence[str] = STAGES, datasets: Sequence[str] = ()
+) -> dict[str, Any]:
+    """What is done and what is left, per (dataset, stage), with a CPU estimate.
+
+    ``waiting``: the finals and budget runs of methods whose lr search is unfinished (planned
+    once it finishes, counted here with a stand-in lr; a search's edge extensions are not
+    foreseen). The estimate is the median CPU seconds of the grid's finished runs times the runs
+    to do and waiting.
+
+    Returns:
+        ``{"rows": [{"dataset", "stage", "done", "todo", "waiting"}], "done", "todo",
+        "waiting", "median_cpu_s", "cpu_h_to_go"}`` (the last two None without finished runs).
+    """
+    choices = chosen_lrs(grid, out)
+    stand_in = dict(choices)
+    if grid.lr_search is not None:
+        for ds in grid.datasets:
+            for v in grid.methods:
+                src = grid.lr_source(v.name)
+                if src is not None:
+                    stand_in.setdefault((ds, src), searched_lrs(grid, out, ds, src)[0])
+    planned = {
+        "search": lambda c: search_specs(grid, out),
+        "final": lambda c: final_specs(grid, c),
+        "shared": lambda c: shared_specs(grid),
+        "budgets": lambda c: budget_specs(grid, c),
+    }
+    seen: set[str] = set()
+    rows, cpu = [], []
+    for ds in datasets or grid.datasets:
+        for stage in stages:
+            known = [s for s in unique(planned[stage](choices)) if s.dataset == ds]
+            later = [s for s in unique(planned[stage](stand_in)) if s.dataset == ds]
+            known_ids = {s.run_id for s in known}
+            row = {"dataset": ds, "stage": stage, "done": 0, "todo": 0, "waiting": 0}
+            for s in known:
+                if s.run_id in seen:
+                    continue  # a run shared by two stages counts in the first
+                seen.add(s.run_id)
+                r = read_result(out, s)
+                row["done" if r else "todo"] += 1
+                if r and r.get("cpu_s"):
+                    cpu.append(float(r["cpu_s"]))
+            for s in later:
+                if s.run_id not in known_ids and s.run_id not in seen:
+                    seen.add(s.run_id)
+                    row["waiting"] += 1
+            rows.append(row)
+    total = {k: sum(r[k] for r in rows) for k in ("done", "todo", "waiting")}
+    median = sorted(cpu)[len(cpu) // 2] if cpu else None
+    left = total["todo"] + total["waiting"]
+    return {
+        "rows": rows,
+        **total,
+        "median_cpu_s": median,
+        "cpu_h_to_go": None if median is None else left * median / 3600,
+    }
+
+
+def progress_text(progress: dict[str, Any]) -> str:
+    """:func:`grid_progress` as a small plain-text table."""
+    lines = [f"{'dataset':<14} {'stage':<8} {'done':>5} {'to do':>6} {'waiting':>8}"]
+    for r in progress["rows"]:
+        if r["done"] or r["todo"] or r["waiting"]:
+            lines.append(
+                f"{r['dataset']:<14} {r['stage']:<8} {r['done']:>5} {r['todo']:>6} "
+                f"{r['waiting']:>8}"
+            )
+    tail = (
+        f"{progress['done']} done, {progress['todo']} to do, {progress['waiting']} waiting for "
+        "their lr search (edge extensions not foreseen)"
+    )
+    if progress["cpu_h_to_go"] is not None:
+        tail += (
+            f"; about {progress['cpu_h_to_go']:.1f} CPU-hours to go at the median "
+            f"{progress['median_cpu_s']:.0f} CPU s of the finished runs"
+        )
+    return "\n".join(lines + [tail]) + "\n"
