@@ -38,6 +38,8 @@ def test_restore_round_trip_keeps_results_and_lr_choices(tmp_path):
     assert len(records) == len(G.search_specs(g)) == len(ledger.read_text().splitlines())
     assert [r["run_id"] for r in records] == sorted(r["run_id"] for r in records)
     new = tmp_path / "new"
+    assert restore_runs(ledger, new, dry_run=True) == {"restored": len(records), "kept": 0}
+    assert not new.exists()  # a dry run writes nothing
     assert restore_runs(ledger, new) == {"restored": len(records), "kept": 0}
     for spec in G.search_specs(g):
         before = json.loads((spec.run_dir(out) / "result.json").read_text())

@@ -212,10 +212,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.restore:
         from shpeft.analysis.ledger import restore_runs
 
-        counts = restore_runs(args.restore, out)
+        counts = restore_runs(args.restore, out, dry_run=args.dry_run)
         print(
-            f"restored {counts['restored']} finished run(s) from {args.restore} into {out} "
-            f"({counts['kept']} already there, left alone)",
+            f"{'would restore' if args.dry_run else 'restored'} {counts['restored']} finished "
+            f"run(s) from {args.restore} into {out} ({counts['kept']} already there, left alone)",
             file=sys.stderr,
         )
     if args.dry_run:

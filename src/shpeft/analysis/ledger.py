@@ -96,12 +96,12 @@ def _check_run_id(run_id: str, where: str) -> None:
         raise ValueError(f"{where}: run_id {run_id!r} is not a relative run path")
 
 
-def restore_runs(ledger: str | Path, out: str | Path) -> dict[str, int]:
+def restore_runs(ledger: str | Path, out: str | Path, dry_run: bool = False) -> dict[str, int]:
     """Write the ledger's runs into ``OUT/runs`` where they are missing; never overwrite.
 
     Returns:
-        ``{"restored": n, "kept": m}``: runs written, and runs left alone because ``OUT`` already
-        has their ``result.json``.
+        ``{"restored": n, "kept": m}``: runs written (with ``dry_run``: that would be written;
+        nothing is), and runs left alone because ``OUT`` already has their ``result.json``.
     """
     records = read_ledger(ledger)
     runs = Path(out) / "runs"
@@ -111,6 +111,9 @@ def restore_runs(ledger: str | Path, out: str | Path) -> dict[str, int]:
         run_dir = runs / record["run_id"]
         if (run_dir / "result.json").is_file():
             counts["kept"] += 1
+            continue
+        if dry_run:
+            counts["restored"] += 1
             continue
         result = {k: v for k, v in record.items() if k != "val_curve"}
         result["restored"] = result.get("restored") or stamp

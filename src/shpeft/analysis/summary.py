@@ -118,14 +118,16 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
         fields = ("method", "budget_field", "budget", "trainable_pct", "avg_macro_f1", "runs")
         # the paper's figure averages over every dataset; one per dataset as well, so that a
         # grid still running shows the datasets it has finished
-        per_dataset = [(ds, [ds]) for ds in grid.datasets] if len(grid.datasets) > 1 else []
-        for suffix, dss in [("", None), *((f"_{ds}", d) for ds, d in per_dataset)]:
+        views: list[tuple[str, list[str] | None, str]] = [
+            ("fig4_budgets", None, "average over the datasets")
+        ]
+        if len(grid.datasets) > 1:
+            views += [(f"fig4_budgets_{ds}", [ds], f"{ds} only") for ds in grid.datasets]
+        for name, dss, what in views:
             points = budget_points(grid, results, specs, dss)
-            if suffix and not points:
+            if dss and not points:
                 continue
-            name = f"fig4_budgets{suffix}"
             write_csv(dest / f"{name}.csv", fields, ([p.get(k) for k in fields] for p in points))
-            what = "average over the datasets" if dss is None else f"{dss[0]} only"
             png = plot_budgets(
                 points,
                 dest / f"{name}.png",
