@@ -1051,9 +1051,13 @@ def default_out(grid: GridConfig) -> Path:
     return Path(f"{grid.raw.get('out') or f'runs/bench/{grid.name}'}-{grid.protocol}")
 
 
-def planned_specs(grid: GridConfig, out: Path) -> dict[str, list[RunSpec]]:
-    """Every stage's runs given what is known now (finals wait for the search's choices)."""
-    choices = chosen_lrs(grid, out)
+def planned_specs(
+    grid: GridConfig, out: Path, choices: dict[tuple[str, str], float] | None = None
+) -> dict[str, list[RunSpec]]:
+    """Every stage's runs given what is known now (finals wait for the search's choices), or
+    given ``choices`` (dataset, variant) -> lr."""
+    if choices is None:
+        choices = chosen_lrs(grid, out)
     return {
         "search": search_specs(grid, out),
         "final": final_specs(grid, choices),
@@ -1084,18 +1088,13 @@ def grid_progress(
                 src = grid.lr_source(v.name)
                 if src is not None:
                     stand_in.setdefault((ds, src), searched_lrs(grid, out, ds, src)[0])
-    planned = {
-        "search": lambda c: search_specs(grid, out),
-        "final": lambda c: final_specs(grid, c),
-        "shared": lambda c: shared_specs(grid),
-        "budgets": lambda c: budget_specs(grid, c),
-    }
+    now, then = planned_specs(grid, out, choices), planned_specs(grid, out, stand_in)
     seen: set[str] = set()
     rows, cpu = [], []
     for ds in datasets or grid.datasets:
         for stage in stages:
-            known = [s for s in unique(planned[stage](choices)) if s.dataset == ds]
-            later = [s for s in unique(planned[stage](stand_in)) if s.dataset == ds]
+            known = [s for s in unique(now[stage]) if s.dataset == ds]
+            later = [s for s in unique(then[stage]) if s.dataset == ds]
             known_ids = {s.run_id for s in known}
             row = {"dataset": ds, "stage": stage, "done": 0, "todo": 0, "waiting": 0}
             for s in known:
