@@ -368,3 +368,28 @@ def test_progress_counts_done_todo_and_runs_waiting_for_their_search(tmp_path):
     only_b = G.grid_progress(g, tmp_path, stages=("search",), datasets=("b",))
     assert [(r["dataset"], r["stage"]) for r in only_b["rows"]] == [("b", "search")]
     assert only_b["cpu_h_to_go"] is None  # no finished run of b's to price it
+
+
+def test_analyses_cover_every_shpeft_variant_and_skip_missing_methods(tmp_path, monkeypatch):
+    """A grid without ``full`` or a variant named ``shpeft`` (e.g. dinov2_precision.json) gets the
+    analyses it can have instead of an error."""
+    from shpeft.analysis import grid_analyses as GA
+
+    raw = {**raw_config(), "methods": [{"name": "zr", "method": "shpeft", "config": {}}]}
+    raw.pop("budgets")
+    g = G.parse_grid(raw)
+    out = tmp_path / "out"
+    for spec in G.search_specs(g) + G.final_specs(g, {("a", "zr"): 0.01, ("b", "zr"): 0.01}):
+        write_result(out, spec, fake_result(0.8 if spec.lr == 0.01 else 0.4, 0.5))
+    seen = []
+
+    def fake_write(run, sub):  # run_locations is the identity below: ``run`` is its folder
+        seen.append((Path(run).parent.parent.name, sub.relative_to(tmp_path)))
+        sub.mkdir(parents=True)
+        (sub / "locations.md").write_text("ok")
+
+    monkeypatch.setattr(GA, "run_locations", lambda run: run)
+    monkeypatch.setattr(GA, "write_locations", fake_write)
+    md = GA.write_grid_analyses(g, out, tmp_path / "an").read_text()
+    assert seen == [("a", Path("an/locations/zr/a")), ("b", Path("an/locations/zr/b"))]
+    assert "Sparsity" not in md  # no full fine-tuning in this grid: no Fig. 2

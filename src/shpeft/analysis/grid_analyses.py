@@ -40,7 +40,10 @@ ANALYSES = ("sparsity", "hybridity", "locations")
 
 def tuned_run(grid: G.GridConfig, out: Path, choices, ds: str, name: str, seed: int, budget=None):
     """The finished run directory of (dataset, variant, seed[, budget]) at its tuned lr, or None
-    (also for a run restored from a ledger: its model files are gone)."""
+    (also for a variant the grid does not have, and for a run restored from a ledger: its model
+    files are gone)."""
+    if name not in {v.name for v in grid.methods}:
+        return None
     lr = G.run_lr(grid, choices, ds, name)
     if lr is None:
         return None
@@ -142,14 +145,19 @@ def hybridity_sections(grid, out, choices, dest: Path, seed: int) -> list[str]:
 
 
 def locations_sections(grid, out, choices, dest: Path, seed: int) -> list[str]:
+    """Where every SH-PEFT variant's selection lies, per dataset (``locations/<dataset>`` for
+    the paper's ``shpeft``, ``locations/<variant>/<dataset>`` for the others)."""
     parts = []
-    for ds in grid.datasets:
-        run = tuned_run(grid, out, choices, ds, "shpeft", seed)
-        if run is None:
+    for v in grid.methods:
+        if v.method != "shpeft":
             continue
-        report = run_locations(run)
-        write_locations(report, dest / "locations" / ds)
-        parts.append((dest / "locations" / ds / "locations.md").read_text())
+        for ds in grid.datasets:
+            run = tuned_run(grid, out, choices, ds, v.name, seed)
+            if run is None:
+                continue
+            sub = dest / "locations" / (ds if v.name == "shpeft" else f"{v.name}/{ds}")
+            write_locations(run_locations(run), sub)
+            parts.append((sub / "locations.md").read_text())
     return parts
 
 
