@@ -362,3 +362,37 @@ def test_bench_dry_run_shows_progress_and_the_plan(micro, tmp_path, capsys):
     assert "breastmnist    final        4      0        0" in text
     assert "4 done, 0 to do, 0 waiting" in text and "CPU-hours to go" in text
     assert "unique runs now known: 4" in text and "todo " not in text
+
+
+def test_bench_runs_the_grids_named_in_then_into_the_same_folder(micro, tmp_path, capsys):
+    """One command for every table: ``then`` runs the companion grid next (its own runs and
+    summary, the main grid's shared ones reused), and the main ledger holds both grids' runs."""
+    grid, out, _ = micro
+    out = Path(shutil.copytree(out, tmp_path / "out"))
+    companion = {
+        **grid.raw,
+        "name": "micro_abl",
+        "methods": ["shpeft", {"name": "shpeft-td", "method": "shpeft",
+                               "config": {"strategy": "td-l2"}}],
+    }  # fmt: skip
+    (tmp_path / "abl.json").write_text(json.dumps(companion))
+    (tmp_path / "main.json").write_text(json.dumps({**grid.raw, "then": ["abl.json"]}))
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command", required=True), {})
+    argv = ["bench", str(tmp_path / "main.json"), "--out", str(out), "--analyses", "no"]
+    args = parser.parse_args([*argv, "--dry-run"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "== micro (" in text and "== micro_abl (" in text
+    assert "4 done, 0 to do" in text and "2 done, 2 to do" in text  # shpeft's runs are shared
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    assert len(list((out / "runs" / "breastmnist" / "shpeft-td@0.01").glob("*/result.json"))) == 2
+    assert (out / "summary_micro_abl" / "runs.csv").is_file()
+    ledger = (out / "summary_micro" / "runs.jsonl").read_text().splitlines()
+    assert len(ledger) == 6
+    (tmp_path / "abl.json").write_text(json.dumps({**companion, "then": ["main.json"]}))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json*")}
+    with pytest.raises(ValueError, match="abl.json leads back to .*main.json: a cycle"):
+        args.func(args)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json*")} == before  # refused up front

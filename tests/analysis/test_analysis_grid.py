@@ -119,6 +119,7 @@ def test_protocol_overlay_and_paths(tmp_path):
         ({"seeds": []}, "seed"),
         ({"train": {"iterations": 0}}, "iterations"),
         ({"method_config": {"shpeft": {"ratio": 0}}}, "ratio"),
+        ({"then": "ablations.json"}, "'then' must list"),
     ],
 )
 def test_bad_configs_fail_early(over, match):
@@ -312,6 +313,18 @@ def test_shipped_configs_parse():
     assert p.protocol == "paper" and len(p.datasets) == 6 and p.shared_lr == 1e-3
     abl = G.load_grid(root / "cpu_ablations.json")
     assert {abl.lr_source(v.name) for v in abl.methods} == {"shpeft"}
+    # one command makes every table: each main grid runs its ablations next, into its folder
+    for main, companion in (("cpu_grid", "cpu_ablations"), ("dinov2_grid", "dinov2_ablations")):
+        g, c = G.load_grid(root / f"{main}.json"), G.load_grid(root / f"{companion}.json")
+        assert g.then == [root / f"{companion}.json"] and G.default_out(g) == G.default_out(c)
+
+
+def test_then_names_existing_configs_relative_to_the_file(tmp_path):
+    (tmp_path / "abl.json").write_text("{}")
+    g = G.parse_grid(raw_config(then=["abl.json"]), root=tmp_path)
+    assert g.then == [tmp_path / "abl.json"]
+    with pytest.raises(ValueError, match="do not exist.*nope.json"):
+        G.parse_grid(raw_config(then=["nope.json"]), root=tmp_path)
 
 
 def test_configs_sharing_an_output_folder_agree_on_every_run_id():

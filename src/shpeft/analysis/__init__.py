@@ -59,7 +59,8 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
         "validation split, final runs over seeds at the chosen lr, the paper's shared lr, budget "
         "sweeps; finished runs are skipped, interrupted ones resumed. Then write Table 1 "
         "(macro F1, ACC, AUC; tuned and shared), Tables 4/5 and Fig. 4 beside the paper's "
-        "numbers as Markdown, CSV and PNG.",
+        "numbers as Markdown, CSV and PNG. Grids the config names in 'then' (e.g. its "
+        "ablations) run next, into the same folder with the same options.",
     )
     p.add_argument("config", help="grid config JSON (e.g. benchmarks/configs/cpu_grid.json)")
     p.add_argument(
@@ -186,7 +187,28 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``shpeft bench``: run (or plan, or summarise) a grid; print Table 1."""
+    """``shpeft bench``: run (or plan, or summarise) a grid and the grids its ``then`` names;
+    print Table 1."""
+    if args.workers < 1 or args.threads < 1:
+        raise ValueError("--workers and --threads must be >= 1")
+    _check_then(Path(args.config), args.protocol, ())  # fail now, not an hour into the grid
+    _bench(Path(args.config), args, Path(args.out) if args.out else None, ())
+    return 0
+
+
+def _check_then(config: Path, protocol: str | None, chain: tuple) -> None:
+    """Every config of the ``then`` chain parses, and none leads back to one above it."""
+    from shpeft.analysis.grid import load_grid
+
+    chain = (*chain, config.resolve())
+    for nxt in load_grid(config, protocol=protocol).then:
+        if nxt.resolve() in chain:
+            raise ValueError(f"'then' of {config} leads back to {nxt}: a cycle")
+        _check_then(nxt, protocol, chain)
+
+
+def _bench(config: Path, args: argparse.Namespace, out: Path | None, chain: tuple) -> None:
+    """One grid of a ``then`` chain (``chain``: the configs above it, to refuse cycles)."""
     from shpeft.analysis.grid import (
         STAGES,
         default_out,
@@ -199,17 +221,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     from shpeft.analysis.summary import write_summary
 
-    grid = load_grid(args.config, protocol=args.protocol)
+    grid = load_grid(config, protocol=args.protocol)
     # runs of different protocols never share a folder (their run ids would collide)
-    out = Path(args.out) if args.out else default_out(grid)
+    out = out or default_out(grid)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = set(stages) - set(STAGES)
     if bad:
         raise ValueError(f"unknown stage(s) {sorted(bad)}; choose from {', '.join(STAGES)}")
-    if args.workers < 1 or args.threads < 1:
-        raise ValueError("--workers and --threads must be >= 1")
     datasets = [d.strip() for d in (args.datasets or "").split(",") if d.strip()] or None
-    if args.restore:
+    chain = (*chain, config.resolve())
+    if args.restore and len(chain) == 1:  # the ledger holds the whole folder: once is enough
         from shpeft.analysis.ledger import restore_runs
 
         counts = restore_runs(args.restore, out, dry_run=args.dry_run)
@@ -219,6 +240,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.dry_run:
+        if grid.then or len(chain) > 1:
+            print(f"== {grid.name} ({config})")
         print(progress_text(grid_progress(grid, out, stages, datasets or ())))
         plan = planned_specs(grid, out)
         total = [
@@ -234,7 +257,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for s in total:
             done = (s.run_dir(out) / "result.json").is_file()
             print(f"  {'done ' if done else 'todo '} {s.run_id}")
-        return 0
+        for nxt in grid.then:
+            _bench(nxt, args, out, chain)
+        return
     if not args.summary_only:
         status = run_grid(
             grid,
@@ -249,6 +274,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             after_dataset=lambda ds: write_summary(grid, out),
         )
         print(json.dumps(status["statuses"]), file=sys.stderr)
+    # the companions first: they share the folder, so this grid's summary (and its ledger of
+    # every finished run there) is written last and holds their runs too
+    for nxt in grid.then:
+        _bench(nxt, args, out, chain)
     summary = write_summary(grid, out)
     analyses = args.analyses == "yes" or (
         args.analyses == "auto" and not args.summary_only and "final" in stages
@@ -262,7 +291,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"analyses: {md}", file=sys.stderr)
     print(summary["text"])
     print(f"summary: {summary['markdown']}", file=sys.stderr)
-    return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

@@ -21,7 +21,12 @@ A grid config is JSON::
                    "methods": null, "extend": 0},
      # or "lrs": {"default": [...], "full": [...]}: per-method starting grids
      "shared_lr": 0.001,
-     "protocols": {"paper": {overlay applied by --protocol paper}}}
+     "protocols": {"paper": {overlay applied by --protocol paper}},
+     "then": ["cpu_ablations.json"]}
+
+``then`` names grid configs (relative to this file) that ``shpeft bench`` runs after this one,
+into the same output folder and with the same options: companion grids that reuse this grid's
+runs (Tables 4-5 use SH-PEFT's search and finals), so that one command makes every table.
 
 Relative paths (``data``, ``split_file``, ``model``, ``weights``) are resolved against the
 config file's folder when that path exists there, else left as written (a timm model name, or a
@@ -145,6 +150,7 @@ class GridConfig:
     note: str = ""
     dataset_info: dict[str, dict[str, str]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    then: list[Path] = field(default_factory=list)
 
     @property
     def iterations(self) -> int:
@@ -352,6 +358,14 @@ def parse_grid(raw: dict[str, Any], *, root: Path | None = None, protocol: str |
     TrainConfig(**{k: v for k, v in train.items() if k != "out"})  # validate early
     shared = raw.get("shared_lr")
     budget_seeds = raw.get("budget_seeds")
+    then = raw.get("then") or []
+    if not isinstance(then, list) or not all(isinstance(t, str) and t for t in then):
+        raise ValueError(f"'then' must list grid config files, got {then!r}")
+    then_paths = [Path(t) if root is None or Path(t).is_absolute() else root / t for t in then]
+    if root is not None:
+        missing = [str(t) for t in then_paths if not t.is_file()]
+        if missing:
+            raise ValueError(f"'then' names grid config(s) that do not exist: {missing}")
     return GridConfig(
         name=str(raw["name"]),
         backbone=_resolve_paths(raw["backbone"], root),
@@ -367,6 +381,7 @@ def parse_grid(raw: dict[str, Any], *, root: Path | None = None, protocol: str |
         note=str(raw.get("note", "")),
         dataset_info=info,
         raw=raw,
+        then=then_paths,
     )
 
 
