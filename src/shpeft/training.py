@@ -416,6 +416,8 @@ def prepare(job: Job) -> tuple[list[nn.Parameter], dict[str, Any], float]:
             shuffle=True,
             num_workers=job.cfg.data.num_workers,
         ),  # fmt: skip
+        # a stream of its own: the training batches' flips are drawn from (seed, iteration)
+        importance_augment=lambda x, i: augment_batch(x, job.cfg.data.augment, tc.seed, -1 - i),
         device=job.device,
         run_dir=job.run_dir,
         progress=tc.progress and job.main,

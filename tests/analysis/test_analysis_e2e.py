@@ -366,7 +366,8 @@ def test_bench_dry_run_shows_progress_and_the_plan(micro, tmp_path, capsys):
 
 def test_bench_runs_the_grids_named_in_then_into_the_same_folder(micro, tmp_path, capsys):
     """One command for every table: ``then`` runs the companion grid next (its own runs and
-    summary, the main grid's shared ones reused), and the main ledger holds both grids' runs."""
+    summary, the main grid's shared ones reused), and the main ledger holds both grids' runs;
+    ``--methods`` trains only the variants named, in whichever grid of the chain has them."""
     grid, out, _ = micro
     out = Path(shutil.copytree(out, tmp_path / "out"))
     companion = {
@@ -385,9 +386,14 @@ def test_bench_runs_the_grids_named_in_then_into_the_same_folder(micro, tmp_path
     text = capsys.readouterr().out
     assert "== micro (" in text and "== micro_abl (" in text
     assert "4 done, 0 to do" in text and "2 done, 2 to do" in text  # shpeft's runs are shared
-    args = parser.parse_args(argv)
+    with pytest.raises(ValueError, match=r"--methods names no variant .*'nope'"):
+        args = parser.parse_args([*argv, "--methods", "shpeft-td,nope"])
+        args.func(args)
+    args = parser.parse_args([*argv, "--methods", "shpeft-td"])  # only the companion has it
     assert args.func(args) == 0
     assert len(list((out / "runs" / "breastmnist" / "shpeft-td@0.01").glob("*/result.json"))) == 2
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
     assert (out / "summary_micro_abl" / "runs.csv").is_file()
     ledger = (out / "summary_micro" / "runs.jsonl").read_text().splitlines()
     assert len(ledger) == 6

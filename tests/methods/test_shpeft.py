@@ -1,6 +1,7 @@
 """SH-PEFT: the paper's selection and the options beyond it, through the generic method checks."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -132,3 +133,31 @@ def test_bad_option_values_are_refused():
         ShpeftConfig(density_cap=0.5)
     with pytest.raises(ValueError, match="allocation='global' only"):
         ShpeftConfig(allocation="row", density_cap=5)
+
+
+def test_importance_on_augmented_batches_sees_what_the_augmentation_gives_it():
+    """``importance_augment="train"`` estimates on the run's augmentation of each batch: with an
+    augmentation that flips every image, the selection is the one made on flipped images."""
+    cfg = ShpeftConfig(ratio=0.1, zero_grad="skip", mix="rank", importance_augment="train")
+    plain_cfg = replace(cfg, importance_augment="none")
+    calls = []
+
+    def flip_all(x, i):
+        calls.append(i)
+        return x.flip(-1)
+
+    def select(config, batches, augment=None):
+        model, method = pretrained_like_vit(), get_method("shpeft")(config)
+        method.prepare(model, PrepareContext(lambda: batches, importance_augment=augment))
+        return method.state(model)
+
+    got = select(cfg, tiny_batches(2), flip_all)
+    assert calls == [0, 1]
+    want = select(plain_cfg, [(x.flip(-1), y) for x, y in tiny_batches(2)])
+    plain = select(plain_cfg, tiny_batches(2))
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+    assert got.keys() != plain.keys() or any(not torch.equal(got[n], plain[n]) for n in got)
+    with pytest.raises(ValueError, match="needs the run's augmentation"):
+        select(cfg, tiny_batches(2))
+    with pytest.raises(ValueError, match="importance_augment"):
+        ShpeftConfig(importance_augment="mixup")

@@ -94,6 +94,12 @@ def add_subcommands(subparsers: Any, commands: dict[str, Callable[..., int]] | N
         help="comma-separated datasets of the config to run, in this order (default: all, in "
         "the config's order; each dataset's search, finals and budgets finish before the next)",
     )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated variants of the config to train (default: all); the summary "
+        "still covers every finished run",
+    )
     p.add_argument("--summary-only", action="store_true", help="only write the tables")
     p.add_argument(
         "--analyses",
@@ -191,20 +197,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print Table 1."""
     if args.workers < 1 or args.threads < 1:
         raise ValueError("--workers and --threads must be >= 1")
-    _check_then(Path(args.config), args.protocol, ())  # fail now, not an hour into the grid
+    # fail now, not an hour into the grid
+    names = _check_then(Path(args.config), args.protocol, ())
+    unknown = {m.strip() for m in (args.methods or "").split(",") if m.strip()} - names
+    if unknown:
+        raise ValueError(f"--methods names no variant of the grid(s): {sorted(unknown)}")
     _bench(Path(args.config), args, Path(args.out) if args.out else None, ())
     return 0
 
 
-def _check_then(config: Path, protocol: str | None, chain: tuple) -> None:
-    """Every config of the ``then`` chain parses, and none leads back to one above it."""
+def _check_then(config: Path, protocol: str | None, chain: tuple) -> set[str]:
+    """Every config of the ``then`` chain parses, and none leads back to one above it; returns
+    the variant names of them all."""
     from shpeft.analysis.grid import load_grid
 
     chain = (*chain, config.resolve())
-    for nxt in load_grid(config, protocol=protocol).then:
+    grid = load_grid(config, protocol=protocol)
+    names = {v.name for v in grid.methods}
+    for nxt in grid.then:
         if nxt.resolve() in chain:
             raise ValueError(f"'then' of {config} leads back to {nxt}: a cycle")
-        _check_then(nxt, protocol, chain)
+        names |= _check_then(nxt, protocol, chain)
+    return names
 
 
 def _bench(config: Path, args: argparse.Namespace, out: Path | None, chain: tuple) -> None:
@@ -229,6 +243,9 @@ def _bench(config: Path, args: argparse.Namespace, out: Path | None, chain: tupl
     if bad:
         raise ValueError(f"unknown stage(s) {sorted(bad)}; choose from {', '.join(STAGES)}")
     datasets = [d.strip() for d in (args.datasets or "").split(",") if d.strip()] or None
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()] or None
+    if methods is not None:  # a grid of the chain trains those of them it has (maybe none)
+        methods = [m for m in methods if m in {v.name for v in grid.methods}]
     chain = (*chain, config.resolve())
     if args.restore and len(chain) == 1:  # the ledger holds the whole folder: once is enough
         from shpeft.analysis.ledger import restore_runs
@@ -270,6 +287,7 @@ def _bench(config: Path, args: argparse.Namespace, out: Path | None, chain: tupl
             stages=stages,
             poll_s=args.poll,
             datasets=datasets,
+            methods=methods,
             # the tables so far, whenever a dataset is done: a stopped grid still has them
             after_dataset=lambda ds: write_summary(grid, out),
         )

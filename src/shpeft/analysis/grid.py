@@ -954,12 +954,15 @@ def run_grid(
     stages: Sequence[str] = STAGES,
     poll_s: float = 10.0,
     datasets: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
     after_dataset: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the grid dataset by dataset, each through its stages in order (finished runs are
     skipped), and return a status summary.
 
-    ``datasets`` limits and orders the datasets (default: the config's order);
+    ``datasets`` limits and orders the datasets (default: the config's order); ``methods``
+    limits the runs to these variants (default: all; a variant that uses another's lr choice
+    waits for that search);
     ``after_dataset(name)`` is called when a dataset's runs are done (e.g. to write the summary).
     """
     unknown = set(stages) - set(STAGES)
@@ -969,6 +972,12 @@ def run_grid(
     if unknown:
         raise ValueError(
             f"unknown dataset(s) {sorted(unknown)}; the grid has {', '.join(grid.datasets)}"
+        )
+    unknown = set(methods or ()) - {v.name for v in grid.methods}
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) {sorted(unknown)}; the grid has "
+            f"{', '.join(v.name for v in grid.methods)}"
         )
     missing = [
         f"{ds}: {d['data']}"
@@ -1044,7 +1053,11 @@ def run_grid(
                 for sp in unique(later)
                 if sp.dataset == ds and sp.run_id not in searching
             ]
-            work = [(sp, ev) for sp, ev in work if (sp.run_id, ev) not in ran]
+            work = [
+                (sp, ev)
+                for sp, ev in work
+                if (sp.run_id, ev) not in ran and (methods is None or sp.variant in methods)
+            ]
             if not work:
                 break
             rounds += 1

@@ -26,6 +26,8 @@ class PrepareContext:
 
     importance_loader: Callable[[], Iterable] | None = None
     """Makes a fresh, seeded loader over the training split (for data-driven selection)."""
+    importance_augment: Callable[[Any, int], Any] | None = None
+    """The run's training augmentation for importance batch ``i`` (seeded): ``f(images, i)``."""
     device: Any = "cpu"
     run_dir: Path | None = None
     progress: bool = False

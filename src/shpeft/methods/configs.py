@@ -60,6 +60,14 @@ class ShpeftConfig(MethodConfig):
             "help": "B, mini-batches for the importance estimate (default: one epoch of the training split)"
         },
     )
+    importance_augment: str = field(
+        default="none",
+        metadata={
+            "help": "the importance batches' augmentation: none (paper: the training images as "
+            "they are) or train (the run's own training augmentation, --augment, seeded)",
+            "choices": ("none", "train"),
+        },
+    )
 
     zero_grad: str = field(
         default="keep",
@@ -108,6 +116,10 @@ class ShpeftConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.zero_grad not in ("keep", "skip"):
             raise ValueError(f"zero_grad must be keep or skip, got {self.zero_grad!r}")
+        if self.importance_augment not in ("none", "train"):
+            raise ValueError(
+                f"importance_augment must be none or train, got {self.importance_augment!r}"
+            )
         if self.mix not in MIXES:
             raise ValueError(f"mix must be one of {MIXES}, got {self.mix!r}")
         if self.allocation not in ("global", "row"):

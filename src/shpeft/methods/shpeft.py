@@ -11,7 +11,9 @@ each named and off by default (``benchmarks/README.md`` has their measurements):
   (after GPS, Zhang et al. CVPR 2024; :func:`shpeft.selection.select_per_row`);
 * ``density_cap``: no tensor denser than this multiple of the overall ratio;
 * ``step_scale="rms"``: each selected tensor's lr scaled by its pretrained RMS (relative steps,
-  after the trust ratios of LARS/LAMB, You et al. 2017/2019, fixed at the pretrained weights).
+  after the trust ratios of LARS/LAMB, You et al. 2017/2019, fixed at the pretrained weights);
+* ``importance_augment="train"``: estimate importance on the run's augmented training batches,
+  the data the selected scalars are then trained on.
 """
 
 from __future__ import annotations
@@ -62,9 +64,14 @@ class Shpeft(Method):
         # them with l2 then (its magnitude term w^2 ranks exactly like |w|)
         ta_only = cfg.strategy.startswith("ta")
         estimate = "l2" if ta_only and cfg.zero_grad == "skip" else cfg.strategy
+        loader = None if estimate.startswith("ta") else ctx.importance_loader()
+        if loader is not None and cfg.importance_augment == "train":
+            if ctx.importance_augment is None:
+                raise ValueError("importance_augment='train' needs the run's augmentation")
+            loader = Augmented(loader, ctx.importance_augment)
         terms = importance_terms(
             model,
-            None if estimate.startswith("ta") else ctx.importance_loader(),
+            loader,
             strategy=estimate,
             num_batches=cfg.importance_batches,
             device=ctx.device,
@@ -99,6 +106,20 @@ class Shpeft(Method):
     def state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The selected flat indices per tensor (int64)."""
         return {n: i.clone() for n, (i, _) in sparse_state(model).items()}
+
+
+class Augmented:
+    """``loader`` with ``augment(images, i)`` applied to its ``i``-th batch (length kept)."""
+
+    def __init__(self, loader, augment) -> None:
+        self.loader, self.augment = loader, augment
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, (images, labels) in enumerate(self.loader):
+            yield self.augment(images, i), labels
 
 
 @torch.no_grad()
