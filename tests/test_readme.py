@@ -43,3 +43,16 @@ def test_command_parses(doc, command):
         build_parser().parse_args(argv)
     except SystemExit as e:
         pytest.fail(f"{doc}: `{command}` does not parse (exit {e.code})")
+
+
+def test_the_readme_results_table_is_what_the_result_files_hold():
+    """The README's DINOv2 table is written from the committed result files, never by hand."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "readme_results.py"
+    spec = importlib.util.spec_from_file_location("readme_results", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--check"]) == 0, "run: python benchmarks/readme_results.py"
+    datasets, rows = mod.rows()
+    assert {"busi", "cxr3", "breastmnist"} <= set(datasets) and len(rows) >= 12
