@@ -77,6 +77,9 @@ def test_micro_grid_writes_results_and_resumes_by_skipping(micro):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == before
     s = write_summary(grid, out)
     assert "| Full finetune | 100 |" in s["text"] and "| SH-PEFT (ratio=0.01) | 1 |" in s["text"]
+    progress = (out / "summary_micro" / "progress.md").read_text()
+    assert "breastmnist    final        4      0        0" in progress
+    assert "4 done, 0 to do, 0 waiting" in progress
 
 
 def test_graft_endpoints_and_topk_invariants():

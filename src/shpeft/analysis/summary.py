@@ -11,11 +11,14 @@ from pathlib import Path
 
 from shpeft.analysis.claims import check_claims, claims_markdown
 from shpeft.analysis.grid import (
+    STAGES,
     GridConfig,
     RunSpec,
     budget_specs,
     chosen_lrs,
     final_specs,
+    grid_progress,
+    progress_text,
     shared_specs,
 )
 from shpeft.analysis.ledger import LEDGER_NAME, write_ledger
@@ -140,6 +143,11 @@ def write_summary(grid: GridConfig, out: str | Path, dest: str | Path | None = N
     files.append(str(write_runs_csv(results, dest / "runs.csv")))
     # the finished runs themselves, small enough to commit: `shpeft bench --restore` reads them
     files.append(str(write_ledger(out, dest / LEDGER_NAME)))
+    # what is done and what is left, as `shpeft bench --dry-run` counts it: a partial grid says so
+    progress = "```\n" + progress_text(grid_progress(grid, out, STAGES, ())) + "```\n"
+    write_text(dest / "progress.md", f"### Progress of `{grid.name}`\n\n{progress}")
+    files.append(str(dest / "progress.md"))
+    parts.insert(5, f"### Progress\n\n{progress}")
     parts.append(paper_table1_markdown())
     md = "\n".join(parts)
     write_text(dest / "summary.md", md)
