@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shpeft.analysis.grid import best_candidate, default_out, load_grid, lr_choices
+from shpeft.analysis.ledger import read_val_curve
 
 KINDS = (
     "patch_embed", "pos_embed", "cls_token", "norm", "layerscale", "bias",
@@ -58,7 +59,8 @@ def screen_rows(grid, out: Path, dataset: str) -> list[dict[str, Any]]:
         if best is not None:
             run = out / "runs" / best["run_id"]
             result = _json(run / "result.json") or {}
-            warm = (_json(run / "head_init.json") or {}).get("val_macro_f1")
+            # the warm start as evaluated: the validation F1 of the state at iteration 0
+            warm = next((f1 for it, f1 in read_val_curve(run) if it == 0), None)
             row.update(
                 best_lr=best["lr"],
                 best_val_f1=best["val_macro_f1"],

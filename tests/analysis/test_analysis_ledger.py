@@ -126,3 +126,26 @@ def test_analyses_that_read_models_skip_restored_runs(tmp_path, caplog):
     assert tuned_run(g, out, choices, "a", "full", 0) is not None  # the search run, reused
     assert tuned_run(g, new, choices, "a", "full", 0) is None
     assert "restored from a ledger" in caplog.text and "delete" in caplog.text
+
+
+def test_the_ledger_carries_the_small_artefacts_the_screens_read(tmp_path):
+    """head_init.json whole, selection.json without its per-tensor rows; only known names are
+    ever written back."""
+    g, out = finished_search(tmp_path)
+    run = G.search_specs(g)[0].run_dir(out)
+    head = {"head_init": "linear-probe", "C": 1.0, "val_macro_f1": 0.81}
+    sel = {"k": 3, "per_kind": {"qkv": {"selected": 3}}, "per_tensor": {"a": {"selected": 3}}}
+    (run / "head_init.json").write_text(json.dumps(head))
+    (run / "selection.json").write_text(json.dumps(sel))
+    ledger = write_ledger(out, tmp_path / "runs.jsonl")
+    record = next(r for r in read_ledger(ledger) if r.get("artifacts"))
+    record["artifacts"]["../../escape.json"] = {"x": 1}
+    ledger.write_text(json.dumps(record) + "\n")
+    new = tmp_path / "new"
+    restore_runs(ledger, new)
+    back = new / "runs" / record["run_id"]
+    assert json.loads((back / "head_init.json").read_text()) == head
+    restored = json.loads((back / "selection.json").read_text())
+    assert restored == {"k": 3, "per_kind": sel["per_kind"], "left_out_by_ledger": ["per_tensor"]}
+    assert "artifacts" not in json.loads((back / "result.json").read_text())
+    assert not list(tmp_path.rglob("escape.json"))

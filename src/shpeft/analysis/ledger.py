@@ -2,8 +2,9 @@
 
 A grid run's folder holds checkpoints and model files (megabytes per run); what the tables and the
 lr search need from it is ``result.json`` and the validation curve (the search's tie-break,
-:func:`shpeft.analysis.grid.validation_curve_mean`). ``runs.jsonl`` keeps exactly that, one line
-per finished run, a few KB each: small enough to commit beside the tables (``shpeft bench`` writes
+:func:`shpeft.analysis.grid.validation_curve_mean`). ``runs.jsonl`` keeps exactly that, plus the
+small artefacts the screens read (the linear-probe warm start's ``head_init.json``, SH-PEFT's
+``selection.json`` without its per-tensor rows), one line per finished run, a few KB each: small enough to commit beside the tables (``shpeft bench`` writes
 it into the summary folder). When run folders are lost (a machine replaced, a scratch disk wiped),
 ``shpeft bench CONFIG --restore runs.jsonl`` writes them back, so the grid resumes where it was
 instead of training its finished runs again.
@@ -26,6 +27,22 @@ from typing import Any
 from shpeft.io_utils import write_json, write_text
 
 LEDGER_NAME = "runs.jsonl"
+#: small run artefacts a ledger keeps (name -> keys left out, to stay a few KB a run)
+ARTIFACTS = {"head_init.json": (), "selection.json": ("per_tensor",)}
+
+
+def _artifacts(run_dir: Path) -> dict[str, Any]:
+    found = {}
+    for name, drop in ARTIFACTS.items():
+        try:
+            data = json.loads((run_dir / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict):
+            found[name] = {k: v for k, v in data.items() if k not in drop}
+            if drop:
+                found[name]["left_out_by_ledger"] = list(drop)
+    return found
 
 
 def read_val_curve(run_dir: Path) -> list[list[float]]:
@@ -57,7 +74,11 @@ def ledger_records(out: str | Path) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, OSError):
             continue
         run_id = result.get("run_id") or path.parent.relative_to(runs).as_posix()
-        records.append({**result, "run_id": run_id, "val_curve": read_val_curve(path.parent)})
+        record = {**result, "run_id": run_id, "val_curve": read_val_curve(path.parent)}
+        artifacts = _artifacts(path.parent)
+        if artifacts:
+            record["artifacts"] = artifacts
+        records.append(record)
     return sorted(records, key=lambda r: r["run_id"])
 
 
@@ -115,9 +136,12 @@ def restore_runs(ledger: str | Path, out: str | Path, dry_run: bool = False) -> 
         if dry_run:
             counts["restored"] += 1
             continue
-        result = {k: v for k, v in record.items() if k != "val_curve"}
+        result = {k: v for k, v in record.items() if k not in ("val_curve", "artifacts")}
         result["restored"] = result.get("restored") or stamp
         run_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in (record.get("artifacts") or {}).items():
+            if name in ARTIFACTS:  # only the known names: a ledger never picks file names
+                write_json(run_dir / name, data)
         log = [{"iteration": it, "val": {"macro_f1": f1}} for it, f1 in record.get("val_curve", [])]
         write_text(run_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in log))
         write_json(run_dir / "result.json", result)  # last: its presence marks the run finished
