@@ -62,6 +62,16 @@ def sklearn_probe(tr, va, te, n_classes: int) -> dict:
     return {"C": c, "val_macro_f1": float(f1_val), "test_macro_f1": float(f1_test)}
 
 
+def split_source(out: Path, dataset: str, preferred: Path) -> Path | None:
+    """The seed-0 ``linear`` run, or, when it was restored from a ledger without its files,
+    another run of the dataset: every run of a grid dataset has the same split (its
+    ``split_seed``) and the same frozen backbone, which is all the features depend on."""
+    if (preferred / "split.json").is_file():
+        return preferred
+    runs = sorted((out / "runs" / dataset).glob("*/*/split.json"))
+    return runs[0].parent if runs else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config")
@@ -83,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         if not tests:
             print(f"{ds}: no finished, tested linear run yet", file=sys.stderr)
             continue
-        run_dir = specs[0].run_dir(out)
+        run_dir = split_source(out, ds, specs[0].run_dir(out))
+        if run_dir is None:
+            print(f"{ds}: no run folder with its split (all restored?)", file=sys.stderr)
+            continue
         conf = load_run_config(run_dir)
         model = load_base_model(run_dir)
         spec = InputSpec(
