@@ -131,17 +131,24 @@ def test_linear_probe_warm_start(tmp_path, vit_pico_dir, shared_data):
     cfg = _cfg(vit_pico_dir, data, tmp_path / "lp", method=None,
                train={"method": "linear", "head_init": "linear-probe", "feature_cache": str(cache),
                       "iterations": 4})  # fmt: skip
+    from threadpoolctl import threadpool_info
+
+    pools_before = {p["filepath"]: p["num_threads"] for p in threadpool_info()}
     train(cfg)
+    pools_after = {p["filepath"]: p["num_threads"] for p in threadpool_info()}
+    assert {f: pools_after[f] for f in pools_before} == pools_before  # --threads cap undone
     record = json.loads((tmp_path / "lp" / "head_init.json").read_text())
     first = json.loads((tmp_path / "lp" / "train_log.jsonl").read_text().split("\n")[0])
     assert first["iteration"] == 0 and first["val"]["macro_f1"] == record["val_macro_f1"]
-    assert record["feature_cache_hits"] == 0 and len(list(cache.glob("*.npz"))) == 2
+    assert record["feature_cache_hits"] == 0 and not record["fit_from_cache"]
+    assert len(list(cache.glob("*.fit.npz"))) == 1 and len(list(cache.glob("*.npz"))) == 3
     assert all(math.isfinite(c["val_macro_f1"]) for c in record["candidates"])
     assert not (tmp_path / "lp" / "head_init_after_prepare.json").exists()  # linear: unchanged
     cfg.train.out = str(tmp_path / "lp2")
     train(cfg)  # the second run reads the cached features and fits the same head
     again = json.loads((tmp_path / "lp2" / "head_init.json").read_text())
-    assert again["feature_cache_hits"] == 2 and again["C"] == record["C"]
+    assert again["feature_cache_hits"] == 2 and again["fit_from_cache"]
+    assert again["C"] == record["C"] and again["candidates"] == record["candidates"]
 
     # SSF's initial scales change the model: the head is refitted to the prepared model
     cfg.train.out, cfg.train.method, cfg.method = str(tmp_path / "ssf"), "ssf", None

@@ -653,10 +653,16 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """
     cfg = copy.deepcopy(cfg)  # methods may settle data-driven settings in their config
     own_group = distributed.init_from_env(cfg.train.device)
+    blas = None
     try:
         tc = cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
+            # numpy / scikit-learn (the linear probe's solver) have BLAS thread pools of their
+            # own: --threads caps them too, or parallel runs oversubscribe the cores
+            from threadpoolctl import threadpool_limits
+
+            blas = threadpool_limits(tc.threads)
         device = distributed.device_for_rank(resolve_device(tc.device))
         run_dir = Path(tc.out)
         if resume and not (run_dir / "config.json").is_file():
@@ -692,6 +698,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> dict[str, Any]:
                     shutil.rmtree(run_dir, ignore_errors=True)
                 raise
     finally:
+        if blas is not None:
+            blas.restore_original_limits()
         if own_group:
             distributed.cleanup()
 
