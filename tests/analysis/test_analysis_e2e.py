@@ -392,6 +392,12 @@ def test_bench_runs_the_grids_named_in_then_into_the_same_folder(micro, tmp_path
     with pytest.raises(ValueError, match=r"--methods names no variant .*'nope'"):
         args = parser.parse_args([*argv, "--methods", "shpeft-td,nope"])
         args.func(args)
+    # a --datasets name the companion lacks is not its error: it runs the ones it has (none)
+    other = {**companion, "datasets": {"elsewhere": {"data": "/nowhere"}}}
+    (tmp_path / "abl.json").write_text(json.dumps(other))
+    args = parser.parse_args([*argv, "--datasets", "breastmnist", "--summary-only"])
+    assert args.func(args) == 0 and not (out / "summary_micro_abl").exists()
+    (tmp_path / "abl.json").write_text(json.dumps(companion))
     args = parser.parse_args([*argv, "--methods", "shpeft-td"])  # only the companion has it
     assert args.func(args) == 0
     assert len(list((out / "runs" / "breastmnist" / "shpeft-td@0.01").glob("*/result.json"))) == 2

@@ -246,6 +246,10 @@ def _bench(config: Path, args: argparse.Namespace, out: Path | None, chain: tupl
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()] or None
     if methods is not None:  # a grid of the chain trains those of them it has (maybe none)
         methods = [m for m in methods if m in {v.name for v in grid.methods}]
+    if datasets is not None and chain:  # a companion runs those of the datasets it has
+        datasets = [d for d in datasets if d in grid.datasets]
+        if not datasets:
+            return
     chain = (*chain, config.resolve())
     if args.restore and len(chain) == 1:  # the ledger holds the whole folder: once is enough
         from shpeft.analysis.ledger import restore_runs
