@@ -199,11 +199,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("--workers and --threads must be >= 1")
     # fail now, not an hour into the grid
     names = _check_then(Path(args.config), args.protocol, ())
-    unknown = {m.strip() for m in (args.methods or "").split(",") if m.strip()} - names
+    unknown = set(_names(args.methods) or ()) - names
     if unknown:
         raise ValueError(f"--methods names no variant of the grid(s): {sorted(unknown)}")
     _bench(Path(args.config), args, Path(args.out) if args.out else None, ())
     return 0
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated option as a list (None when empty)."""
+    return [n.strip() for n in (text or "").split(",") if n.strip()] or None
 
 
 def _check_then(config: Path, protocol: str | None, chain: tuple) -> set[str]:
@@ -238,12 +243,11 @@ def _bench(config: Path, args: argparse.Namespace, out: Path | None, chain: tupl
     grid = load_grid(config, protocol=args.protocol)
     # runs of different protocols never share a folder (their run ids would collide)
     out = out or default_out(grid)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = _names(args.stages) or []
     bad = set(stages) - set(STAGES)
     if bad:
         raise ValueError(f"unknown stage(s) {sorted(bad)}; choose from {', '.join(STAGES)}")
-    datasets = [d.strip() for d in (args.datasets or "").split(",") if d.strip()] or None
-    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()] or None
+    datasets, methods = _names(args.datasets), _names(args.methods)
     if methods is not None:  # a grid of the chain trains those of them it has (maybe none)
         methods = [m for m in methods if m in {v.name for v in grid.methods}]
     if datasets is not None and chain:  # a companion runs those of the datasets it has
